@@ -1,0 +1,69 @@
+"""Sluice: a Flask (WSGI) backend that streams LLM completions over Server-Sent Events.
+
+`create_app(settings)` builds everything. gunicorn loads ``app:app``; that
+attribute is created on first access (PEP 562), so importing this module opens
+nothing, and under gunicorn it is built inside each worker after gevent's
+monkey-patching, never before.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from flask import Flask
+
+from config.settings import Settings, load_settings
+from streaming import api, ops
+from streaming.core import Sluice
+from streaming.errors import install_error_handlers
+from streaming.manager import StreamManager
+from streaming.upstream import Upstream
+
+__all__ = ["create_app"]
+
+SIMULATOR_API_KEY = "sk-sluice-simulator"
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or load_settings()
+    if not settings.redis_url:
+        raise RuntimeError(
+            "REDIS_URL is not set (gunicorn -c config/gunicorn.conf.py starts an embedded "
+            "redis-server in development)"
+        )
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    app = Flask(__name__, static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["SECRET_KEY"] = settings.secret_key
+    app.json.sort_keys = False
+
+    redis_client = redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        health_check_interval=15,
+    )
+    upstream = Upstream(
+        base_url=settings.openai_base_url,
+        api_key=settings.openai_api_key or SIMULATOR_API_KEY,
+        timeout=settings.upstream_timeout_seconds,
+    )
+    manager = StreamManager(redis_client, settings, upstream)
+    app.extensions["sluice"] = Sluice(settings, redis_client, upstream, manager)
+
+    install_error_handlers(app)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(ops.bp)
+    return app
+
+
+def __getattr__(name: str) -> Flask:
+    if name == "app":
+        application = create_app()
+        globals()["app"] = application
+        return application
+    raise AttributeError(name)

@@ -1,0 +1,116 @@
+"""Every setting of Sluice, read once from the environment and validated.
+
+`load_settings()` is the only place that reads `os.environ` for the app; a bad
+value stops the process with one line naming the variable and what it accepts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Literal
+
+from limits import parse_many
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["Settings", "SettingsError", "load_settings"]
+
+
+def _comma_list(value: object) -> object:
+    if isinstance(value, str):
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    return value
+
+
+CommaList = Annotated[tuple[str, ...], NoDecode]
+
+
+class SettingsError(Exception):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    """The environment variables of docs/API.md, typed."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    app_env: Literal["development", "production", "test"] = "development"
+    redis_url: str | None = None
+    openai_base_url: str | None = None
+    openai_api_key: str | None = None
+    secret_key: str | None = None
+
+    llm_model: str = Field("gpt-4o-mini", min_length=1)
+    allowed_models: CommaList = ()
+    api_keys: CommaList = ()
+    trusted_proxies: int = Field(0, ge=0, le=10)
+    rate_limit_default: str = "100/minute"
+    rate_limit_stream: str = "10/minute"
+    max_concurrent_streams: int = Field(5, ge=1, le=100_000)
+    heartbeat_seconds: float = Field(15.0, gt=0, le=3600)
+    disconnect_grace_seconds: float = Field(5.0, ge=0, le=3600)
+    stream_retention_seconds: int = Field(300, ge=1, le=7 * 86400)
+    upstream_timeout_seconds: float = Field(60.0, gt=0, le=3600)
+    max_body_bytes: int = Field(262_144, ge=1024, le=64 * 1024 * 1024)
+    max_prompt_chars: int = Field(32_000, ge=1, le=10_000_000)
+    session_ttl_seconds: int = Field(604_800, ge=60)
+    session_max_messages: int = Field(50, ge=2, le=10_000)
+
+    _split = field_validator("allowed_models", "api_keys", mode="before")(_comma_list)
+
+    @field_validator("rate_limit_default", "rate_limit_stream")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        try:
+            parse_many(value)
+        except ValueError as exc:
+            raise ValueError("a rate such as '100/minute' or '10 per second'") from exc
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("a redis://, rediss:// or unix:// URL")
+        return value or None
+
+    @model_validator(mode="after")
+    def _production_requires(self) -> Settings:
+        if self.app_env == "production":
+            for name in ("redis_url", "openai_api_key", "secret_key"):
+                if not getattr(self, name):
+                    raise ValueError(f"{name.upper()} is required when APP_ENV=production")
+        if self.allowed_models and self.llm_model not in self.allowed_models:
+            raise ValueError("ALLOWED_MODELS must include LLM_MODEL")
+        return self
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The models a request may name (the default model when none are listed)."""
+        return self.allowed_models or (self.llm_model,)
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.api_keys)
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = [str(part) for part in first.get("loc", ()) if part]
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if loc:
+        return f"invalid setting {loc[0].upper()}: {message}"
+    return f"invalid settings: {message}"
+
+
+def load_settings(environ: dict[str, str] | None = None, **overrides: object) -> Settings:
+    """Read Settings from `environ` (default: the process environment) plus overrides."""
+    source = os.environ if environ is None else environ
+    values = {
+        key.lower(): val for key, val in source.items() if key.lower() in Settings.model_fields
+    }
+    values.update(overrides)
+    try:
+        return Settings.model_validate(values) if environ is not None else Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None

@@ -1,0 +1,110 @@
+"""The /api/v1 blueprint: parse, authorize, hand over to the streaming core."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, g, jsonify, request, url_for
+
+from streaming.core import authenticate, sluice
+from streaming.errors import ApiError
+from streaming.follow import ClientWatch, follow_local, follow_remote
+from streaming.generation import GenerationRequest
+from streaming.manager import new_stream_id, valid_stream_id
+from streaming.validation import parse_completion, read_json
+
+__all__ = ["bp"]
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+
+@bp.before_request
+def _authenticate() -> None:
+    g.owner = authenticate(request, sluice().settings)
+
+
+def _sse(body, stream_id: str) -> Response:
+    return Response(
+        body,
+        status=200,
+        content_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Stream-ID": stream_id},
+    )
+
+
+def _start_generation():
+    app = sluice()
+    settings = app.settings
+    body = read_json(request)
+    parsed, messages, model = parse_completion(
+        body,
+        allowed_models=settings.models,
+        default_model=settings.llm_model,
+        max_prompt_chars=settings.max_prompt_chars,
+    )
+    gen_request = GenerationRequest(
+        stream_id=new_stream_id(),
+        owner=g.owner,
+        model=model,
+        messages=messages,
+        max_tokens=parsed.max_tokens,
+        temperature=parsed.temperature,
+        session_id=parsed.session_id,
+        client=request.remote_addr or "",
+    )
+    return app.manager.start(gen_request)
+
+
+def _watch() -> ClientWatch:
+    return ClientWatch(request.environ.get("gunicorn.socket"))
+
+
+@bp.post("/completions/stream")
+def stream_completion() -> Response:
+    gen = _start_generation()
+    body = follow_local(gen, 0, sluice().settings.heartbeat_seconds, _watch())
+    return _sse(body, gen.stream_id)
+
+
+@bp.post("/completions")
+def start_completion() -> tuple[Response, int]:
+    gen = _start_generation()
+    gen.start_grace()  # nobody attached yet
+    url = url_for("api.attach_stream", stream_id=gen.stream_id)
+    return jsonify(stream_id=gen.stream_id, stream_url=url), 202
+
+
+def _checked_id(stream_id: str) -> str:
+    if not valid_stream_id(stream_id):
+        raise ApiError(404, "not_found", "No such stream.")
+    return stream_id
+
+
+def _last_event_id() -> int:
+    raw = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
+        raise ApiError(400, "invalid_request", "Invalid field 'Last-Event-ID': not an event id.")
+    return int(raw)
+
+
+@bp.get("/completions/stream/<stream_id>")
+def attach_stream(stream_id: str) -> Response:
+    app = sluice()
+    stream_id = _checked_id(stream_id)
+    after = _last_event_id()
+    if app.manager.info(stream_id, g.owner) is None:
+        raise ApiError(404, "not_found", "No such stream.")
+    heartbeat = app.settings.heartbeat_seconds
+    gen = app.manager.local.get(stream_id)
+    if gen is not None:
+        body = follow_local(gen, after, heartbeat, _watch())
+    else:
+        body = follow_remote(app.manager, stream_id, after, heartbeat, _watch())
+    return _sse(body, stream_id)
+
+
+@bp.delete("/completions/stream/<stream_id>")
+def cancel_stream(stream_id: str) -> Response:
+    stream_id = _checked_id(stream_id)
+    status = sluice().manager.cancel(stream_id, g.owner)
+    if status is None:
+        raise ApiError(404, "not_found", "No such stream.")
+    return jsonify(stream_id=stream_id, status=status)

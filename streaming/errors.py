@@ -1,0 +1,71 @@
+"""The one JSON error shape of the API, and the handlers that guarantee it.
+
+Every error response is ``{"error": {"code": "...", "message": "..."}}`` with
+its HTTP status; no HTML page, no stack trace, on any route.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+__all__ = ["ApiError", "error_response", "install_error_handlers"]
+
+logger = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    400: ("invalid_request", None),
+    401: ("unauthorized", "A valid bearer key is required."),
+    404: ("not_found", "Not found."),
+    405: ("method_not_allowed", "Method not allowed."),
+    413: ("payload_too_large", "The request body is too large."),
+    415: ("unsupported_media_type", "The body must be application/json."),
+    429: ("rate_limited", "Too many requests."),
+}
+
+
+class ApiError(Exception):
+    """Raised anywhere in a view to answer with the JSON error shape."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None) -> Response:
+    response = jsonify(error={"code": code, "message": message})
+    response.status_code = status
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+def install_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError) -> Response:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        code, message = _HTTP_CODES.get(status, ("internal_error", None))
+        if status == 400 and message is None:
+            message = "The request could not be understood."
+        headers = dict(exc.get_headers()) if status == 405 else {}
+        headers.pop("Content-Type", None)
+        return error_response(status, code, message or exc.name, headers)
+
+    @app.errorhandler(redis.RedisError)
+    def _redis_down(exc: redis.RedisError) -> Response:
+        logger.warning("redis unavailable: %s", exc.__class__.__name__)
+        return error_response(503, "redis_unavailable", "The data store is unavailable.")
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        # Policy: log the trace server-side, answer the typed 500 without details.
+        logger.exception("unhandled error")
+        return error_response(500, "internal_error", "Internal server error.")

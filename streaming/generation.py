@@ -1,0 +1,258 @@
+"""One generation: upstream deltas -> SSE events -> followers, ending in one `finally`.
+
+Flow (normal end). ``StreamManager.start`` registers the stream in Redis and
+builds a `Generation`; its ``start`` event (seq 1) exists before the upstream
+is called, so the client gets ``200`` and ``start`` at once. ``run`` (its own
+greenlet, independent of any client connection) opens the upstream and reads
+it network chunk by network chunk. Text is coalesced: deltas that arrive
+without the reader blocking are joined into one ``token`` event, emitted by a
+hub callback the moment the reader blocks or yields. The reader yields at
+least every `YIELD_EVERY` chunks, so a fast upstream cannot starve the other
+streams of its worker. Events go to the in-process frame list (live
+followers on this worker are woken directly) and, batched every 50 ms by the
+manager's flusher, to the Redis event log for followers elsewhere.
+
+Flow (any other end). Cancel, client gone past the grace window and worker
+shutdown all arrive as a `StreamStopped` thrown into the reader greenlet
+(only while it relays, never into its cleanup); upstream failures arrive as
+`UpstreamError`. All of them, and the normal end, leave through the single
+``finally`` of ``run``: close the upstream response (this is what stops the
+billing), emit ``error`` if any, emit the one ``done``, then let the manager
+flush the log, mark the registry entry finished and acknowledge a cancel.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import gevent
+import gevent.event
+from gevent import get_hub
+
+from streaming.sse import encode_json
+from streaming.upstream import UpstreamError, UpstreamStream
+
+if TYPE_CHECKING:
+    from streaming.manager import StreamManager
+
+__all__ = ["Generation", "GenerationRequest", "StreamStopped"]
+
+logger = logging.getLogger(__name__)
+
+YIELD_EVERY = 16  # network chunks a reader may take in a row before yielding to others
+
+
+class StreamStopped(BaseException):
+    """Thrown into a relaying generation to end it (like GreenletExit, not an Exception)."""
+
+    def __init__(self, reason: str, error: tuple[str, str] | None = None):
+        super().__init__(reason)
+        self.reason, self.error = reason, error
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything a generation needs, copied out of the HTTP request."""
+
+    stream_id: str
+    owner: str
+    model: str
+    messages: list[dict[str, str]]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    session_id: str | None = None
+    client: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def upstream_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"model": self.model, "messages": self.messages}
+        if self.max_tokens is not None:
+            params["max_tokens"] = self.max_tokens
+        if self.temperature is not None:
+            params["temperature"] = self.temperature
+        return params
+
+
+class Generation:
+    """A live stream on this worker: its frames, its followers, its reader greenlet."""
+
+    def __init__(self, manager: StreamManager, request: GenerationRequest):
+        self.manager = manager
+        self.request = request
+        self.stream_id = request.stream_id
+        self.created = time.time()
+        self._t0 = time.perf_counter()
+        self.frames: list[bytes] = []
+        self.flushed = 0  # frames already in the Redis event log
+        self.done = False
+        self.reason: str | None = None
+        self.ended = gevent.event.Event()
+        self.waiters: set[gevent.event.Event] = set()
+        self.attached = 0
+        self.text: list[str] = []  # the reply so far (sessions save it)
+        self.token_events = 0
+        self.ttft_ms: float | None = None
+        self._pending: list[str] = []
+        self._relaying = False
+        self._stop: StreamStopped | None = None
+        self._grace: gevent.Greenlet | None = None
+        self.greenlet: gevent.Greenlet | None = None
+        self.emit(
+            "start",
+            {
+                "type": "start",
+                "stream_id": self.stream_id,
+                "session_id": request.session_id,
+                "model": request.model,
+                "created": int(self.created),
+            },
+        )
+
+    # -- events -------------------------------------------------------------------
+
+    def emit(self, event: str, payload: dict[str, Any]) -> None:
+        self.frames.append(encode_json(payload, event=event, id=len(self.frames) + 1))
+        self.manager.mark_dirty(self)
+        for waiter in self.waiters:
+            waiter.set()
+
+    def _add_text(self, text: str) -> None:
+        if not self._pending:
+            get_hub().loop.run_callback(self._emit_pending)
+        self._pending.append(text)
+
+    def _emit_pending(self) -> None:
+        if not self._pending:
+            return
+        text = "".join(self._pending)
+        self._pending.clear()
+        if self.ttft_ms is None:
+            self.ttft_ms = (time.perf_counter() - self._t0) * 1000
+        self.text.append(text)
+        self.emit("token", {"type": "token", "token": text, "index": self.token_events})
+        self.token_events += 1
+
+    # -- followers and the grace window ---------------------------------------------
+
+    def attach(self) -> None:
+        self.attached += 1
+        if self._grace is not None:
+            self._grace.kill(block=False)
+            self._grace = None
+
+    def detach(self) -> None:
+        self.attached -= 1
+        if self.attached <= 0 and not self.done:
+            self.start_grace()
+
+    def start_grace(self) -> None:
+        if self._grace is None and not self.done:
+            self._grace = gevent.spawn(self._grace_window)
+
+    def _grace_window(self) -> None:
+        while True:
+            gevent.sleep(self.manager.settings.disconnect_grace_seconds)
+            if self.attached > 0 or self.done:
+                return
+            if not self.manager.watched_elsewhere(self.stream_id):
+                break
+        self._grace = None
+        logger.info("stream %s: no client for the grace window, cancelling", self.stream_id)
+        self.stop(StreamStopped("cancelled"))
+
+    # -- stopping -------------------------------------------------------------------
+
+    def stop(self, stop: StreamStopped) -> None:
+        """Ask the reader to end (cancel, client gone, shutdown); safe to call any time."""
+        if self.done or self._stop is not None:
+            return
+        self._stop = stop
+        if self._relaying:
+            get_hub().loop.run_callback(self._throw, stop)
+
+    def _throw(self, stop: StreamStopped) -> None:
+        # Runs in the hub: throw only while the reader relays, never into its cleanup.
+        greenlet = self.greenlet
+        if self._relaying and greenlet is not None and not greenlet.dead:
+            greenlet.throw(stop)
+
+    # -- the reader -----------------------------------------------------------------
+
+    def run(self) -> None:
+        stream: UpstreamStream | None = None
+        reason, error = "error", None
+        self._relaying = True
+        try:
+            if self._stop is not None:
+                raise self._stop
+            stream = self.manager.upstream.open(**self.request.upstream_params())
+            for count, text in enumerate(stream.iter_text(), 1):
+                if text:
+                    self._add_text(text)
+                if count % YIELD_EVERY == 0:
+                    gevent.sleep(0)  # a fast upstream never blocks the read: share the CPU
+            reason = "length" if stream.finish_reason == "length" else "stop"
+        except StreamStopped as stop:
+            reason, error = stop.reason, stop.error
+        except UpstreamError as exc:
+            error = (exc.code, exc.message)
+        except Exception:
+            # Policy: a bug must still end the stream properly; the trace goes to the log.
+            logger.exception("generation %s failed", self.stream_id)
+            error = ("internal_error", "The generation failed.")
+        finally:
+            self._relaying = False
+            if stream is not None:
+                self._close_upstream(stream)
+            self._finish(reason, error, stream)
+
+    def _close_upstream(self, stream: UpstreamStream) -> None:
+        try:
+            stream.close()
+        except Exception:  # closing a broken connection may raise; it is closed all the same
+            logger.debug("upstream close of %s raised", self.stream_id, exc_info=True)
+
+    def _finish(self, reason: str, error: tuple[str, str] | None, stream: UpstreamStream | None):
+        self._emit_pending()
+        if error is not None:
+            self.emit("error", {"type": "error", "error": {"code": error[0], "message": error[1]}})
+        elapsed_ms = (time.perf_counter() - self._t0) * 1000
+        usage = stream.usage if stream is not None else None
+        self.done = True
+        self.reason = reason
+        self.emit(
+            "done",
+            {
+                "type": "done",
+                "finished": True,
+                "reason": reason,
+                "usage": self._usage(usage),
+                "metadata": {
+                    "token_count": stream.deltas if stream is not None else 0,
+                    "ttft_ms": round(self.ttft_ms, 1) if self.ttft_ms is not None else None,
+                    "elapsed_ms": round(elapsed_ms, 1),
+                },
+            },
+        )
+        if self._grace is not None:
+            self._grace.kill(block=False)
+        self.manager.finished(self, error[0] if error else None)
+        self.ended.set()
+
+    def _usage(self, usage: dict[str, int] | None) -> dict[str, Any]:
+        if usage and "prompt_tokens" in usage and "completion_tokens" in usage:
+            return {
+                "prompt_tokens": usage["prompt_tokens"],
+                "completion_tokens": usage["completion_tokens"],
+                "estimated": False,
+            }
+        prompt_chars = sum(len(m.get("content") or "") for m in self.request.messages)
+        completion_chars = sum(len(t) for t in self.text)
+        return {
+            "prompt_tokens": max(1, prompt_chars // 4),
+            "completion_tokens": (completion_chars + 3) // 4,
+            "estimated": True,
+        }

@@ -1,0 +1,36 @@
+"""Operations routes: liveness, readiness, the chat page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import redis
+from flask import Blueprint, Response, jsonify, send_from_directory
+
+from streaming.core import sluice
+from streaming.errors import error_response
+
+__all__ = ["bp"]
+
+WEB_DIR = Path(__file__).parent / "web"
+
+bp = Blueprint("ops", __name__)
+
+
+@bp.get("/health")
+def health() -> Response:
+    return jsonify(status="ok")
+
+
+@bp.get("/ready")
+def ready() -> Response:
+    try:
+        sluice().redis.ping()
+    except redis.RedisError:
+        return error_response(503, "redis_unavailable", "The data store is unavailable.")
+    return jsonify(status="ready")
+
+
+@bp.get("/")
+def index() -> Response:
+    return send_from_directory(WEB_DIR, "index.html")

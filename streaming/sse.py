@@ -1,0 +1,77 @@
+"""Server-Sent Events framing: pure functions, no Flask, no I/O.
+
+A frame is ``id: <n>\\nevent: <name>\\ndata: <line>\\n...\\n\\n``. Data that holds
+newlines is split over several ``data:`` lines (the browser joins them back
+with ``\\n``), so a newline inside a token can never end a frame early;
+newlines are stripped from ``id`` and ``event``. Comments (``: ping``) keep a
+quiet connection alive and let the server notice a client that went away.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+__all__ = ["PING", "comment", "encode", "encode_json", "parse"]
+
+_LINE_BREAKS = re.compile(r"\r\n|\r|\n")
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _field(value: str) -> str:
+    return _LINE_BREAKS.sub("", value)
+
+
+def encode(data: str, *, event: str | None = None, id: int | str | None = None) -> bytes:
+    """One SSE frame carrying `data` (any text; newlines become extra data lines)."""
+    parts = []
+    if id is not None:
+        parts.append(f"id: {_field(str(id))}\n")
+    if event is not None:
+        parts.append(f"event: {_field(event)}\n")
+    for line in _LINE_BREAKS.split(data):
+        parts.append(f"data: {line}\n")
+    parts.append("\n")
+    return "".join(parts).encode()
+
+
+def encode_json(payload: object, *, event: str, id: int) -> bytes:
+    """A frame whose data is `payload` as one line of JSON (the hot path)."""
+    # JSON escapes every control character, so the data is always one line.
+    return f"id: {id}\nevent: {_field(event)}\ndata: {_JSON(payload)}\n\n".encode()
+
+
+def comment(text: str = "") -> bytes:
+    """A comment frame; clients ignore it, proxies and sockets see traffic."""
+    return "".join(f": {line}\n" for line in _LINE_BREAKS.split(text)).encode() + b"\n"
+
+
+PING = comment("ping")
+
+
+def parse(stream: bytes | str) -> list[dict[str, str]]:
+    """Parse SSE text into events (``id``, ``event``, ``data``); comments are skipped.
+
+    Used by tests and tools; follows the WHATWG rules for the fields used here.
+    """
+    text = stream.decode() if isinstance(stream, bytes) else stream
+    events: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    data: list[str] = []
+    for line in _LINE_BREAKS.split(text):
+        if not line:
+            if data or current:
+                if data:
+                    current["data"] = "\n".join(data)
+                events.append(current)
+            current, data = {}, []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            data.append(value)
+        elif name in ("id", "event", "retry"):
+            current[name] = value
+    return events

@@ -1,0 +1,142 @@
+"""The upstream: any OpenAI-compatible API, through the official openai SDK.
+
+The SDK's typed stream costs ~250 µs of CPU per chunk, so the request goes
+through ``with_streaming_response`` and the SSE lines are parsed here (a few
+µs per chunk). Every failure becomes an `UpstreamError` whose code is one of
+the error codes of the API: ``upstream_error``, ``upstream_timeout`` or
+``upstream_rate_limited``. Sluice never retries: the SDK's retries are off,
+so a client sees an upstream failure at once and is never billed twice.
+
+A stream that ends without a ``finish_reason`` and without ``[DONE]`` was
+cut off (a dropped connection can look like a clean end to a line reader):
+that is an ``upstream_error`` too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx2
+import openai
+
+__all__ = ["Upstream", "UpstreamError", "UpstreamStream"]
+
+
+class UpstreamError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def _status_error(exc: openai.APIStatusError) -> UpstreamError:
+    if exc.status_code == 429:
+        return UpstreamError("upstream_rate_limited", "The model provider is rate limiting.")
+    return UpstreamError("upstream_error", f"The model provider answered HTTP {exc.status_code}.")
+
+
+class Upstream:
+    """One SDK client (one connection pool) per app."""
+
+    def __init__(self, base_url: str | None, api_key: str, timeout: float):
+        self.timeout = httpx2.Timeout(timeout, connect=min(timeout, 10.0))
+        self.client = openai.OpenAI(
+            base_url=base_url,
+            api_key=api_key,
+            max_retries=0,
+            timeout=self.timeout,
+            http_client=openai.DefaultHttpxClient(
+                timeout=self.timeout,
+                # Few idle connections: the pool probes every idle socket on each
+                # request (a poll per socket), which costs more than a new TCP
+                # connection once there are hundreds.
+                limits=httpx2.Limits(max_connections=None, max_keepalive_connections=20),
+            ),
+        )
+
+    def open(self, **params: Any) -> UpstreamStream:
+        """Send the request; returns once the response head arrived."""
+        manager = self.client.chat.completions.with_streaming_response.create(
+            stream=True,
+            stream_options={"include_usage": True},
+            # identity: the raw bytes are the text (iter_raw skips a decoder layer per chunk)
+            extra_headers={"Accept-Encoding": "identity"},
+            **params,
+        )
+        try:
+            response = manager.__enter__()
+        except openai.APIStatusError as exc:
+            raise _status_error(exc) from None
+        except openai.APITimeoutError:
+            raise UpstreamError("upstream_timeout", "The model provider did not answer.") from None
+        except openai.APIConnectionError:
+            raise UpstreamError("upstream_error", "The model provider is unreachable.") from None
+        return UpstreamStream(manager, response.http_response)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class UpstreamStream:
+    """An open streaming response. `close()` closes the HTTP connection."""
+
+    def __init__(self, manager: Any, response: httpx2.Response):
+        self._manager = manager
+        self._response = response
+        self.finish_reason: str | None = None
+        self.usage: dict[str, int] | None = None
+        self.saw_done = False
+        self.deltas = 0  # content deltas received
+
+    def iter_text(self) -> Iterator[str]:
+        """The text of each network read (possibly ""), as it arrives."""
+        tail = b""
+        try:
+            # The transport's byte stream, not iter_raw(): two generator layers
+            # less per chunk (httpx2 still maps transport errors to its own).
+            for raw in self._response.stream:
+                lines = (tail + raw).split(b"\n") if tail else raw.split(b"\n")
+                tail = lines.pop()
+                yield self._parse(lines)
+            if tail:
+                yield self._parse([tail])
+        except httpx2.TimeoutException:
+            raise UpstreamError("upstream_timeout", "The model provider went silent.") from None
+        except (httpx2.TransportError, httpx2.StreamError):
+            raise UpstreamError(
+                "upstream_error", "The model provider dropped the stream."
+            ) from None
+        if self.finish_reason is None and not self.saw_done:
+            raise UpstreamError("upstream_error", "The model provider's stream was cut off.")
+
+    def _parse(self, lines: list[bytes]) -> str:
+        pieces = []
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue  # blank separators, comments, event: lines
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                self.saw_done = True
+                continue
+            try:
+                chunk = json.loads(payload)
+                if "error" in chunk:
+                    raise UpstreamError("upstream_error", "The model provider reported an error.")
+                for choice in chunk.get("choices") or ():
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        pieces.append(text)
+                        self.deltas += 1
+                    if choice.get("finish_reason"):
+                        self.finish_reason = choice["finish_reason"]
+                if chunk.get("usage"):
+                    self.usage = chunk["usage"]
+            except (ValueError, TypeError, AttributeError, KeyError):
+                raise UpstreamError(
+                    "upstream_error", "The model provider sent a bad chunk."
+                ) from None
+        return "".join(pieces)
+
+    def close(self) -> None:
+        self._manager.__exit__(None, None, None)
