@@ -12,11 +12,13 @@ import logging
 
 import redis
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config.settings import Settings, load_settings
 from streaming import api, ops
 from streaming.core import Sluice
 from streaming.errors import install_error_handlers
+from streaming.limits import init_limits
 from streaming.manager import StreamManager
 from streaming.upstream import Upstream
 
@@ -55,6 +57,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     manager = StreamManager(redis_client, settings, upstream)
     app.extensions["sluice"] = Sluice(settings, redis_client, upstream, manager)
 
+    if settings.trusted_proxies:
+        # Believe exactly that many X-Forwarded-For hops (nginx.conf: 1), no more.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)
+    init_limits(app, redis_client)
     install_error_handlers(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(ops.bp)

@@ -8,12 +8,14 @@ from streaming.core import authenticate, sluice
 from streaming.errors import ApiError
 from streaming.follow import ClientWatch, follow_local, follow_remote
 from streaming.generation import GenerationRequest
+from streaming.limits import default_limit, stream_limit
 from streaming.manager import new_stream_id, valid_stream_id
 from streaming.validation import parse_completion, read_json
 
 __all__ = ["bp"]
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
+default_limit(bp)
 
 
 @bp.before_request
@@ -48,7 +50,7 @@ def _start_generation():
         max_tokens=parsed.max_tokens,
         temperature=parsed.temperature,
         session_id=parsed.session_id,
-        client=request.remote_addr or "",
+        client=g.owner if settings.authenticated else (request.remote_addr or "unknown"),
     )
     return app.manager.start(gen_request)
 
@@ -58,6 +60,7 @@ def _watch() -> ClientWatch:
 
 
 @bp.post("/completions/stream")
+@stream_limit
 def stream_completion() -> Response:
     gen = _start_generation()
     body = follow_local(gen, 0, sluice().settings.heartbeat_seconds, _watch())
@@ -65,6 +68,7 @@ def stream_completion() -> Response:
 
 
 @bp.post("/completions")
+@stream_limit
 def start_completion() -> tuple[Response, int]:
     gen = _start_generation()
     gen.start_grace()  # nobody attached yet

@@ -37,7 +37,9 @@ from collections.abc import Iterator
 import gevent
 import redis
 
+from streaming.errors import ApiError
 from streaming.generation import Generation, GenerationRequest, StreamStopped
+from streaming.slots import Slots
 from streaming.upstream import Upstream
 
 __all__ = ["StreamManager", "new_stream_id", "valid_stream_id"]
@@ -73,6 +75,7 @@ class StreamManager:
         self.redis = redis_client
         self.settings = settings
         self.upstream = upstream
+        self.slots = Slots(redis_client, settings.max_concurrent_streams, LIVE_TTL)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.local: dict[str, Generation] = {}  # this worker's generations (Redis is the registry)
         self._dirty: dict[str, Generation] = {}
@@ -99,8 +102,14 @@ class StreamManager:
     # -- starting and finishing -------------------------------------------------------
 
     def start(self, request: GenerationRequest) -> Generation:
-        """Register the stream (RedisError here means 503) and start its reader."""
+        """Take a slot, register the stream (RedisError here means 503), start its reader."""
         self._ensure_running()
+        if not self.slots.acquire(request.client, request.stream_id):
+            raise ApiError(
+                429,
+                "too_many_streams",
+                f"At most {self.slots.limit} live streams per client; wait for one to end.",
+            )
         key = _key("stream", request.stream_id)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(
@@ -115,11 +124,23 @@ class StreamManager:
             },
         )
         pipe.expire(key, LIVE_TTL)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.RedisError:
+            self._release_quietly(request)
+            raise
         gen = Generation(self, request)
         self.local[request.stream_id] = gen
         gen.greenlet = gevent.spawn(gen.run)
         return gen
+
+    def _release_quietly(self, request: GenerationRequest) -> None:
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            self.slots.release(pipe, request.client, request.stream_id)
+            pipe.execute()
+        except redis.RedisError:
+            pass  # the lease expires by itself
 
     def finished(self, gen: Generation, error_code: str | None) -> None:
         """Called once from a generation's `finally`, after its `done` event."""
@@ -142,6 +163,7 @@ class StreamManager:
         pipe.rpush(ack_key, gen.reason or "error")
         pipe.expire(ack_key, ACK_TTL)
         pipe.delete(_key("cancel", gen.stream_id))
+        self.slots.release(pipe, gen.request.client, gen.stream_id)
         try:
             pipe.execute(raise_on_error=False)
         except redis.RedisError as exc:
@@ -302,7 +324,9 @@ class StreamManager:
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(f"sluice:worker:{self.worker_id}", "1", ex=WORKER_TTL)
         for sid in ids:
-            pipe.expire(_key("stream", sid), LIVE_TTL)
             pipe.exists(_key("cancel", sid))
+            pipe.expire(_key("stream", sid), LIVE_TTL)
+            self.slots.renew(pipe, self.local[sid].request.client, sid)
         replies = pipe.execute()
-        self._stop_local([sid for i, sid in enumerate(ids) if replies[2 + 2 * i]])
+        step = (len(replies) - 1) // len(ids) if ids else 0
+        self._stop_local([sid for i, sid in enumerate(ids) if replies[1 + step * i]])

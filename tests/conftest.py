@@ -33,6 +33,15 @@ def redis_client(redis_server):
 
 
 @pytest.fixture()
+def fresh_limits(redis_client):
+    """Forget every rate-limit counter and slot (all test traffic shares one client IP)."""
+    for key in redis_client.scan_iter("sluice:rl*"):
+        redis_client.delete(key)
+    for key in redis_client.scan_iter("sluice:slots:*"):
+        redis_client.delete(key)
+
+
+@pytest.fixture()
 def tag(request) -> str:
     """A unique simulator tag for this test's upstream requests."""
     return f"t{os.getpid()}-{next(_tags)}-{request.node.name[:40]}".replace("[", "-").replace(
@@ -49,6 +58,10 @@ def _sluice_env(redis_server, simulator, **extra: str) -> dict[str, str]:
         "DISCONNECT_GRACE_SECONDS": "0",
         "UPSTREAM_TIMEOUT_SECONDS": "3",
         "ALLOWED_MODELS": "gpt-4o-mini,gpt-4o",
+        # the suite's own requests all come from 127.0.0.1: limits are tested on their own servers
+        "RATE_LIMIT_DEFAULT": "100000/minute",
+        "RATE_LIMIT_STREAM": "100000/minute",
+        "MAX_CONCURRENT_STREAMS": "1000",
         **extra,
     }
 

@@ -166,6 +166,7 @@ class Sluice:
 
     def _all_workers_up(self) -> bool:
         if self.proc.poll() is not None:
+            self.log.close()
             raise RuntimeError(f"gunicorn exited: {self.log_path.read_text()[-2000:]}")
         if len(self.worker_pids()) < self.workers:
             return False

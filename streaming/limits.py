@@ -1,0 +1,51 @@
+"""Per-client protections: flask-limiter rate limits and concurrency slots, both in Redis.
+
+Rate limits (flask-limiter, storage: the app's own Redis pool, never memory://
+across workers): ``RATE_LIMIT_DEFAULT`` is one budget per client IP shared by
+every /api and /v1 route; ``RATE_LIMIT_STREAM`` is a second budget for starting
+generations. Refusals are 429 ``rate_limited`` with ``Retry-After`` and
+``X-RateLimit-*`` headers.
+
+Redis down: the limiter falls back to per-worker in-memory counters (and
+swallows storage errors) instead of answering 500; routes that need Redis
+answer 503 ``redis_unavailable`` on their own, and /health, /ready, /metrics
+and the page are never rate limited.
+
+Concurrency slots (``MAX_CONCURRENT_STREAMS``) are in `streaming.slots`.
+"""
+
+from __future__ import annotations
+
+import redis
+from flask import Flask, request
+from flask_limiter import Limiter
+
+from streaming.core import sluice
+
+__all__ = ["default_limit", "init_limits", "limiter", "stream_limit"]
+
+
+def client_ip() -> str:
+    return request.remote_addr or "unknown"
+
+
+limiter = Limiter(
+    key_func=client_ip,
+    headers_enabled=True,
+    swallow_errors=True,
+    in_memory_fallback_enabled=True,
+)
+
+default_limit = limiter.shared_limit(lambda: sluice().settings.rate_limit_default, scope="api")
+stream_limit = limiter.shared_limit(
+    lambda: sluice().settings.rate_limit_stream, scope="stream", override_defaults=False
+)
+
+
+def init_limits(app: Flask, redis_client: redis.Redis) -> None:
+    app.config["RATELIMIT_STORAGE_URI"] = "redis://"
+    app.config["RATELIMIT_STORAGE_OPTIONS"] = {
+        "connection_pool": redis_client.connection_pool,
+        "key_prefix": "sluice:rl",
+    }
+    limiter.init_app(app)
