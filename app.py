@@ -15,7 +15,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config.settings import Settings, load_settings
-from streaming import api, ops
+from streaming import api, ops, sessions_api
 from streaming.core import Sluice
 from streaming.errors import install_error_handlers
 from streaming.limits import init_limits
@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     init_limits(app, redis_client)
     install_error_handlers(app)
     app.register_blueprint(api.bp)
+    app.register_blueprint(sessions_api.bp)
     app.register_blueprint(ops.bp)
     return app
 

@@ -42,11 +42,17 @@ def _start_generation():
         default_model=settings.llm_model,
         max_prompt_chars=settings.max_prompt_chars,
     )
+    upstream_messages = messages
+    if parsed.session_id is not None:
+        if app.manager.sessions.meta(parsed.session_id, g.owner) is None:
+            raise ApiError(404, "not_found", "No such session.")
+        upstream_messages = app.manager.sessions.history(parsed.session_id) + messages
     gen_request = GenerationRequest(
         stream_id=new_stream_id(),
         owner=g.owner,
         model=model,
-        messages=messages,
+        messages=upstream_messages,
+        new_messages=messages,
         max_tokens=parsed.max_tokens,
         temperature=parsed.temperature,
         session_id=parsed.session_id,

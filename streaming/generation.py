@@ -65,7 +65,7 @@ class GenerationRequest:
     temperature: float | None = None
     session_id: str | None = None
     client: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    new_messages: list[dict[str, str]] = field(default_factory=list)  # saved to the session
 
     def upstream_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"model": self.model, "messages": self.messages}

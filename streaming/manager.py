@@ -39,6 +39,7 @@ import redis
 
 from streaming.errors import ApiError
 from streaming.generation import Generation, GenerationRequest, StreamStopped
+from streaming.sessions import SessionStore
 from streaming.slots import Slots
 from streaming.upstream import Upstream
 
@@ -76,6 +77,9 @@ class StreamManager:
         self.settings = settings
         self.upstream = upstream
         self.slots = Slots(redis_client, settings.max_concurrent_streams, LIVE_TTL)
+        self.sessions = SessionStore(
+            redis_client, settings.session_ttl_seconds, settings.session_max_messages
+        )
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.local: dict[str, Generation] = {}  # this worker's generations (Redis is the registry)
         self._dirty: dict[str, Generation] = {}
@@ -110,6 +114,11 @@ class StreamManager:
                 "too_many_streams",
                 f"At most {self.slots.limit} live streams per client; wait for one to end.",
             )
+        if request.session_id and not self.sessions.claim(
+            request.session_id, request.stream_id, LIVE_TTL
+        ):
+            self._release_quietly(request)
+            raise ApiError(409, "session_busy", "This session is already generating an answer.")
         key = _key("stream", request.stream_id)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(
@@ -138,6 +147,8 @@ class StreamManager:
         try:
             pipe = self.redis.pipeline(transaction=False)
             self.slots.release(pipe, request.client, request.stream_id)
+            if request.session_id:
+                pipe.delete(f"sluice:session:{request.session_id}:live")
             pipe.execute()
         except redis.RedisError:
             pass  # the lease expires by itself
@@ -164,6 +175,15 @@ class StreamManager:
         pipe.expire(ack_key, ACK_TTL)
         pipe.delete(_key("cancel", gen.stream_id))
         self.slots.release(pipe, gen.request.client, gen.stream_id)
+        if gen.request.session_id:
+            interrupted = gen.reason not in ("stop", "length")
+            self.sessions.save_turn(
+                pipe,
+                gen.request.session_id,
+                gen.request.new_messages,
+                "".join(gen.text),
+                interrupted,
+            )
         try:
             pipe.execute(raise_on_error=False)
         except redis.RedisError as exc:
@@ -319,14 +339,18 @@ class StreamManager:
             gevent.sleep(TICK)
 
     def _tick(self) -> None:
-        """Keep this worker's registry entries alive and catch cancel flags."""
+        """Keep this worker's registry entries and leases alive; catch cancel flags."""
         ids = list(self.local)
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(f"sluice:worker:{self.worker_id}", "1", ex=WORKER_TTL)
+        flag_at = []
         for sid in ids:
+            flag_at.append(len(pipe))
             pipe.exists(_key("cancel", sid))
             pipe.expire(_key("stream", sid), LIVE_TTL)
-            self.slots.renew(pipe, self.local[sid].request.client, sid)
+            request = self.local[sid].request
+            self.slots.renew(pipe, request.client, sid)
+            if request.session_id:
+                self.sessions.renew(pipe, request.session_id, LIVE_TTL)
         replies = pipe.execute()
-        step = (len(replies) - 1) // len(ids) if ids else 0
-        self._stop_local([sid for i, sid in enumerate(ids) if replies[1 + step * i]])
+        self._stop_local([sid for sid, at in zip(ids, flag_at, strict=True) if replies[at]])

@@ -40,7 +40,6 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import gevent
 from gevent.event import Event
 from gevent.server import StreamServer
-from gevent.socket import wait_read
 
 __all__ = ["Defaults", "Record", "Simulator", "main", "parse_directives", "serve", "tokens_for"]
 
@@ -143,21 +142,16 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _wait(sock: Any, seconds: float) -> bool:
-    """Sleep up to *seconds* without writing; False at once if the peer closes the connection."""
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            wait_read(sock.fileno(), timeout=left)
-        except TimeoutError:
-            return True
-        try:
-            if not sock.recv(1, MSG_PEEK):
-                return False
-        except OSError:
-            return False
-        gevent.sleep(deadline - time.monotonic())  # pipelined bytes: cannot watch for EOF
-    return True
+def _watch_eof(sock: Any, target: Any) -> None:
+    """Interrupt *target* with _ClientClosed as soon as the peer closes the connection.
+
+    Runs beside a response, which then waits with plain ``gevent.sleep`` (cheap timers only)."""
+    try:
+        if sock.recv(1, MSG_PEEK):
+            return  # pipelined bytes of the next request: EOF cannot be watched for
+    except OSError:
+        pass
+    gevent.kill(target, _ClientClosed)
 
 
 class Simulator:
@@ -192,8 +186,8 @@ class Simulator:
             with gevent.Timeout(1, False):
                 while sock.recv(65536):
                     pass
-        except OSError:
-            pass
+        except (_ClientClosed, OSError):
+            pass  # the peer went away (a late _ClientClosed can land after its response)
         finally:
             sock.close()
 
@@ -299,9 +293,10 @@ class Simulator:
             self.records.popitem(last=False)
         if (seen := self._seen.pop(rec.tag, None)) is not None:
             seen.set()
+        watcher = gevent.spawn(_watch_eof, sock, gevent.getcurrent())
         try:
-            if opts.get("hang") and not _wait(sock, opts["hang"]):
-                raise _ClientClosed
+            if opts.get("hang"):
+                gevent.sleep(opts["hang"])
             if "fail" in opts:
                 extra = f"Retry-After: {opts['retry_after']:g}\r\n" if "retry_after" in opts else ""
                 self._error(sock, opts["fail"], f"Simulated error {opts['fail']}.", keep, extra)
@@ -325,8 +320,7 @@ class Simulator:
                 finally:
                     self.open_streams -= 1
             seconds = delay + (n / rate if rate > 0 else 0) + opts.get("stall", 0)
-            if seconds > 0 and not _wait(sock, seconds):
-                raise _ClientClosed
+            gevent.sleep(seconds)
             if {"close_after", "truncate_after"} & opts.keys():
                 rec.finish("aborted")
                 return False
@@ -340,6 +334,8 @@ class Simulator:
         except (_ClientClosed, OSError):
             rec.finish("client_closed")
             return False
+        finally:
+            watcher.kill()
 
     def _stream(self, sock: Any, rec: Record, base: dict, toks: list[str], opts: dict) -> bool:
         """Stream *toks* as SSE chunks; True if the connection remains usable afterwards."""
@@ -376,8 +372,7 @@ class Simulator:
                     self.chunks += 1
                 elif key == "stall_after":
                     started = monotonic()
-                    if not _wait(sock, opts.get("stall", 0)):
-                        raise _ClientClosed
+                    gevent.sleep(opts.get("stall", 0))
                     t0 += monotonic() - started
                 else:
                     if key == "truncate_after" and http11:
@@ -387,8 +382,7 @@ class Simulator:
             if i == len(toks):
                 break
             if (pause := t0 + i * interval - monotonic()) > 0:
-                if not _wait(sock, pause):
-                    raise _ClientClosed
+                gevent.sleep(pause)
             elif i & 15 == 15:
                 gevent.sleep(0)  # fairness between back-to-back streams
             if (data := cache.get(tok := toks[i])) is None:
