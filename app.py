@@ -8,17 +8,16 @@ monkey-patching, never before.
 
 from __future__ import annotations
 
-import logging
-
 import redis
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config.settings import Settings, load_settings
-from streaming import api, ops, sessions_api
+from streaming import api, metrics, ops, sessions_api
 from streaming.core import Sluice
 from streaming.errors import install_error_handlers
 from streaming.limits import init_limits
+from streaming.logs import configure_logging, install_request_log
 from streaming.manager import StreamManager
 from streaming.upstream import Upstream
 
@@ -34,9 +33,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             "REDIS_URL is not set (gunicorn -c config/gunicorn.conf.py starts an embedded "
             "redis-server in development)"
         )
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging()
 
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -62,9 +59,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)
     init_limits(app, redis_client)
     install_error_handlers(app)
+    install_request_log(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(sessions_api.bp)
     app.register_blueprint(ops.bp)
+    app.register_blueprint(metrics.bp)
     return app
 
 

@@ -10,6 +10,7 @@ bad value stops the process with one line before any worker starts.
 import multiprocessing
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,12 +44,15 @@ graceful_timeout = _int_env("GRACEFUL_TIMEOUT", 30)
 timeout = 30  # worker heartbeat to the master; gevent workers notify every second
 keepalive = 5
 preload_app = False
-accesslog = os.environ.get("ACCESS_LOG", "-") or None
+accesslog = os.environ.get("ACCESS_LOG") or None  # the app logs each request as JSON
 forwarded_allow_ips = "127.0.0.1,::1"
 SHUTDOWN_MARGIN = 3.0
 
 
 def on_starting(server):
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # /metrics sums every worker: each writes its files here (fresh per master)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sluice-metrics-")
     if not os.environ.get("REDIS_URL"):
         os.environ["REDIS_URL"] = devservices.start_redis()
     if not os.environ.get("OPENAI_API_KEY") and not os.environ.get("OPENAI_BASE_URL"):
@@ -57,6 +61,12 @@ def on_starting(server):
 
 def on_exit(server):
     devservices.stop_all()
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def post_worker_init(worker):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 from flask import Blueprint, Response, g, jsonify, request, url_for
 
+from streaming import metrics
 from streaming.core import authenticate, sluice
 from streaming.errors import ApiError
 from streaming.follow import ClientWatch, follow_local, follow_remote
@@ -114,7 +117,10 @@ def attach_stream(stream_id: str) -> Response:
 @bp.delete("/completions/stream/<stream_id>")
 def cancel_stream(stream_id: str) -> Response:
     stream_id = _checked_id(stream_id)
+    started = time.perf_counter()
     status = sluice().manager.cancel(stream_id, g.owner)
+    if status == "cancelled":
+        metrics.CANCEL_LATENCY.observe(time.perf_counter() - started)
     if status is None:
         raise ApiError(404, "not_found", "No such stream.")
     return jsonify(stream_id=stream_id, status=status)

@@ -12,6 +12,8 @@ import redis
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
+from streaming import metrics
+
 __all__ = ["ApiError", "error_response", "install_error_handlers"]
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,8 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
 def install_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
+        if exc.status == 429:
+            metrics.LIMIT_REJECTIONS.labels(exc.code).inc()
         return error_response(exc.status, exc.code, exc.message, exc.headers)
 
     @app.errorhandler(HTTPException)
@@ -55,7 +59,8 @@ def install_error_handlers(app: Flask) -> None:
         code, message = _HTTP_CODES.get(status, ("internal_error", None))
         if status == 400 and message is None:
             message = "The request could not be understood."
-        if status == 429 and exc.description:
+        if status == 429:
+            metrics.LIMIT_REJECTIONS.labels("rate_limited").inc()
             message = f"Rate limit exceeded ({exc.description}); retry later."
         headers = dict(exc.get_headers()) if status == 405 else {}
         headers.pop("Content-Type", None)

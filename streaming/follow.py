@@ -29,6 +29,7 @@ import gevent
 import gevent.event
 from gevent.socket import wait_read
 
+from streaming import metrics
 from streaming.generation import Generation
 from streaming.manager import StreamManager
 from streaming.sse import PING
@@ -97,6 +98,8 @@ def follow_local(gen: Generation, after: int, heartbeat: float, watch: ClientWat
     gen.attach()
 
     def cleanup() -> None:
+        if not gen.done:
+            metrics.CLIENT_DISCONNECTS.inc()
         gen.waiters.discard(wake)
         gen.detach()
         watch.close()

@@ -32,6 +32,7 @@ import gevent
 import gevent.event
 from gevent import get_hub
 
+from streaming import metrics
 from streaming.sse import encode_json
 from streaming.upstream import UpstreamError, UpstreamStream
 
@@ -131,6 +132,7 @@ class Generation:
         self._pending.clear()
         if self.ttft_ms is None:
             self.ttft_ms = (time.perf_counter() - self._t0) * 1000
+            metrics.TTFT.observe(self.ttft_ms / 1000)
         self.text.append(text)
         self.emit("token", {"type": "token", "token": text, "index": self.token_events})
         self.token_events += 1
@@ -185,6 +187,7 @@ class Generation:
         stream: UpstreamStream | None = None
         reason, error = "error", None
         self._relaying = True
+        metrics.LIVE_STREAMS.inc()
         try:
             if self._stop is not None:
                 raise self._stop
@@ -239,8 +242,30 @@ class Generation:
         )
         if self._grace is not None:
             self._grace.kill(block=False)
+        self._count(reason, error, stream)
         self.manager.finished(self, error[0] if error else None)
         self.ended.set()
+
+    def _count(self, reason: str, error: tuple[str, str] | None, stream: UpstreamStream | None):
+        metrics.LIVE_STREAMS.dec()
+        metrics.GENERATIONS.labels(reason).inc()
+        if stream is not None:
+            metrics.TOKENS.inc(stream.deltas)
+        if error is not None and error[0].startswith("upstream_"):
+            metrics.UPSTREAM_ERRORS.labels(error[0]).inc()
+        logger.info(
+            "generation_finished",
+            extra={
+                "stream_id": self.stream_id,
+                "reason": reason,
+                "error": error[0] if error else None,
+                "tokens": stream.deltas if stream is not None else 0,
+                "ttft_ms": round(self.ttft_ms, 1) if self.ttft_ms is not None else None,
+                "elapsed_ms": round((time.perf_counter() - self._t0) * 1000, 1),
+                "client": self.request.client,
+                "worker": self.manager.worker_id,
+            },
+        )
 
     def _usage(self, usage: dict[str, int] | None) -> dict[str, Any]:
         if usage and "prompt_tokens" in usage and "completion_tokens" in usage:

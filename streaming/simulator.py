@@ -122,9 +122,8 @@ def parse_directives(text: str) -> tuple[dict[str, Any], str]:
         else:
             try:
                 number = int(value) if key in _INT_KEYS else float(value)
-                if key not in _KEYS or not (400 if key == "fail" else 0) <= number < 1e9:
-                    raise ValueError
-                if key == "fail" and number > 599:
+                low, high = (400, 599) if key == "fail" else (0, 1e9)
+                if key not in _KEYS or not low <= number <= high:
                     raise ValueError
             except ValueError:
                 raise ValueError(f"bad simulator directive {word!r}") from None
@@ -143,9 +142,8 @@ def _dumps(obj: Any) -> bytes:
 
 
 def _watch_eof(sock: Any, target: Any) -> None:
-    """Interrupt *target* with _ClientClosed as soon as the peer closes the connection.
-
-    Runs beside a response, which then waits with plain ``gevent.sleep`` (cheap timers only)."""
+    """Runs beside a response (which waits with cheap plain sleeps): interrupt *target* with
+    _ClientClosed as soon as the peer closes the connection, without writing anything."""
     try:
         if sock.recv(1, MSG_PEEK):
             return  # pipelined bytes of the next request: EOF cannot be watched for
@@ -207,7 +205,7 @@ class Simulator:
             length = int(headers.get("content-length", "0"))
             if length < 0 or not version.startswith("HTTP/1.") or "" in headers:
                 raise ValueError
-            if not all(sep for _, sep, _ in pairs):
+            if not all(sep for _, sep, _ in pairs):  # a header line without a colon
                 raise ValueError
         except ValueError:
             raise _Reject(400, "Malformed HTTP request.") from None
@@ -274,7 +272,8 @@ class Simulator:
         try:
             req = json.loads(body)
             messages, model = req["messages"], req["model"]
-            max_tokens = req.get("max_completion_tokens", req.get("max_tokens"))
+            max_tokens = req.get("max_completion_tokens")
+            max_tokens = req.get("max_tokens") if max_tokens is None else max_tokens
             if not (messages and isinstance(messages, list) and isinstance(model, str)):
                 raise ValueError("'messages' must be a non-empty array and 'model' a string.")
             if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):

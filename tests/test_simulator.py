@@ -131,6 +131,20 @@ def test_non_streaming_matches_stream(client: openai.OpenAI) -> None:
     assert text_of(chunks) == result.choices[0].message.content
 
 
+def test_list_content_parts_and_timing_directives(client: openai.OpenAI, port: int) -> None:
+    tag = new_tag()
+    content = [
+        {"type": "text", "text": "hello"},
+        {"type": "text", "text": f"sim:tokens=4 sim:rate=20 sim:delay=0.2 sim:tag={tag}"},
+    ]
+    messages = [{"role": "user", "content": content}]
+    result = client.chat.completions.create(model="gpt-4o", messages=messages)
+    assert result.choices[0].message.content == "".join(tokens_for("hello", 4))
+    rec = record(port, tag)
+    assert rec["state"] == "completed" and rec["tokens_sent"] == 4
+    assert rec["ended"] - rec["started"] >= 0.35  # delay 0.2 + 4 tokens at 20/s
+
+
 def test_max_tokens_gives_length(client: openai.OpenAI, port: int) -> None:
     tag = new_tag()
     chunks = stream(client, f"long answer sim:tag={tag}", max_tokens=5)

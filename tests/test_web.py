@@ -163,7 +163,7 @@ def test_stop_button_cancels_the_stream(sluice, simulator, page, tag):
     assert ("DELETE", f"{sluice.base}{STREAM}/{stream_id}") in requests
     # the upstream request was closed early ...
     record = simulator.record(tag)
-    assert record["state"] == "aborted" and record["tokens_sent"] < 3000, record
+    assert record["state"] == "client_closed" and record["tokens_sent"] < 3000, record
     # ... and the page shows exactly what the finished stream holds: nothing more can come
     with EventStream(sluice.base, f"{STREAM}/{stream_id}", method="GET") as replay:
         events = replay.read_all()
@@ -232,6 +232,29 @@ def test_reload_shows_the_session_history(sluice, page):
     expect(page.get_by_test_id("session")).to_have_count(1)
     expect(page.get_by_test_id("sidebar-note")).to_be_empty()
     no_page_errors(page)
+
+
+def test_expired_session_starts_a_new_chat(sluice, page):
+    if not sessions_api_exists(sluice.base):
+        pytest.xfail("sessions API not implemented yet")
+    open_chat(page, sluice.base)
+    send(page, "Before it expires sim:tokens=8")
+    expect(answer(page)).to_have_attribute("data-state", "done")
+    gone = page.evaluate("() => window.__sluice.state().session")
+    urllib.request.urlopen(
+        urllib.request.Request(f"{sluice.base}/api/v1/sessions/{gone}", method="DELETE"), timeout=10
+    ).close()
+
+    send(page, "After it expired sim:tokens=8")
+    expect(answer(page)).to_have_attribute("data-state", "error")
+    expect(answer(page).get_by_test_id("message-status")).to_contain_text("no longer exists")
+    expect(page.get_by_test_id("session")).to_have_count(0)
+    expect(page.get_by_test_id("prompt")).to_have_value("After it expired sim:tokens=8")
+    page.get_by_test_id("send").click()
+    expect(answer(page)).to_have_attribute("data-state", "done")
+    expect(page.get_by_test_id("session")).to_have_count(1)
+    assert page.evaluate("() => window.__sluice.state().session") not in (None, gone)
+    assert page.uncaught == []
 
 
 # the sidebar's own logic, against a stand-in for the sessions API -----------------------------

@@ -1,0 +1,64 @@
+"""Prometheus metrics, summed over every gunicorn worker (multiprocess mode).
+
+The gunicorn master sets ``PROMETHEUS_MULTIPROC_DIR`` (a fresh directory)
+before forking; each worker writes its own files there and ``/metrics``
+aggregates them. Without that variable (a single process) the default
+registry is used.
+"""
+
+from __future__ import annotations
+
+import os
+
+from flask import Blueprint, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+__all__ = [
+    "CANCEL_LATENCY",
+    "CLIENT_DISCONNECTS",
+    "GENERATIONS",
+    "LIMIT_REJECTIONS",
+    "LIVE_STREAMS",
+    "TOKENS",
+    "TTFT",
+    "UPSTREAM_ERRORS",
+    "bp",
+]
+
+LIVE_STREAMS = Gauge("sluice_live_streams", "Generations running now.", multiprocess_mode="livesum")
+TTFT = Histogram(
+    "sluice_time_to_first_token_seconds",
+    "From start to the first token event.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
+TOKENS = Counter("sluice_tokens_relayed", "Upstream content deltas relayed to clients.")
+GENERATIONS = Counter("sluice_generations", "Finished generations by final reason.", ["reason"])
+CANCEL_LATENCY = Histogram(
+    "sluice_cancel_latency_seconds",
+    "DELETE received to the generation stopped (upstream closed).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+CLIENT_DISCONNECTS = Counter("sluice_client_disconnects", "Clients gone before the done event.")
+UPSTREAM_ERRORS = Counter("sluice_upstream_errors", "Upstream failures by error code.", ["code"])
+LIMIT_REJECTIONS = Counter("sluice_rate_limit_rejections", "Requests refused by a limit.", ["code"])
+
+bp = Blueprint("metrics", __name__)
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
