@@ -86,4 +86,6 @@ def make_sluice(redis_server, simulator):
 
     yield make
     for server in started:
+        server.begin_stop()
+    for server in started:
         server.stop()

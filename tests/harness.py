@@ -195,12 +195,16 @@ class Sluice:
     def signal(self, sig: int) -> None:
         os.kill(self.proc.pid, sig)
 
-    def stop(self) -> None:
+    def begin_stop(self) -> None:
+        """Quick shutdown (SIGINT); tests of graceful shutdown send SIGTERM themselves."""
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+            self.proc.send_signal(signal.SIGINT)
+
+    def stop(self) -> None:
+        self.begin_stop()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
         self.log.close()
