@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import redis
 from flask import Flask
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config.settings import Settings, load_settings
-from streaming import api, metrics, ops, sessions_api
+from streaming import api, metrics, openai_compat, ops, sessions_api
 from streaming.core import Sluice
 from streaming.errors import install_error_handlers
 from streaming.limits import init_limits
@@ -42,9 +44,13 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     redis_client = redis.Redis.from_url(
         settings.redis_url,
-        socket_timeout=5,
+        socket_timeout=2,  # a frozen Redis fails a call after 2 s (BLPOP/XREAD block <= 1 s)
         socket_connect_timeout=2,
         health_check_interval=15,
+        # One quick retry for a connection a Redis restart left stale; none on timeouts,
+        # so a frozen Redis fails a request after socket_timeout instead of minutes of
+        # redis-py's default exponential retries.
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
     )
     upstream = Upstream(
         base_url=settings.openai_base_url,
@@ -57,12 +63,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings.trusted_proxies:
         # Believe exactly that many X-Forwarded-For hops (nginx.conf: 1), no more.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)
+    install_error_handlers(app)  # first: its fail-fast hook runs before the limiter's
     init_limits(app, redis_client)
-    install_error_handlers(app)
     install_request_log(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(sessions_api.bp)
     app.register_blueprint(ops.bp)
+    app.register_blueprint(openai_compat.bp)
     app.register_blueprint(metrics.bp)
     return app
 

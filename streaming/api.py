@@ -10,12 +10,12 @@ from streaming import metrics
 from streaming.core import authenticate, sluice
 from streaming.errors import ApiError
 from streaming.follow import ClientWatch, follow_local, follow_remote
-from streaming.generation import GenerationRequest
+from streaming.generation import Generation, GenerationRequest
 from streaming.limits import default_limit, stream_limit
 from streaming.manager import new_stream_id, valid_stream_id
 from streaming.validation import parse_completion, read_json
 
-__all__ = ["bp"]
+__all__ = ["bp", "client_watch", "start_generation"]
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 default_limit(bp)
@@ -35,10 +35,10 @@ def _sse(body, stream_id: str) -> Response:
     )
 
 
-def _start_generation():
+def start_generation(body: dict) -> Generation:
+    """Validate a completion body (ours, or /v1's translated), then start it for this caller."""
     app = sluice()
     settings = app.settings
-    body = read_json(request)
     parsed, messages, model = parse_completion(
         body,
         allowed_models=settings.models,
@@ -64,22 +64,25 @@ def _start_generation():
     return app.manager.start(gen_request)
 
 
-def _watch() -> ClientWatch:
-    return ClientWatch(request.environ.get("gunicorn.socket"))
+def client_watch() -> ClientWatch:
+    """The client socket watch (and send timeout) for the current request."""
+    return ClientWatch(
+        request.environ.get("gunicorn.socket"), sluice().settings.send_timeout_seconds
+    )
 
 
 @bp.post("/completions/stream")
 @stream_limit
 def stream_completion() -> Response:
-    gen = _start_generation()
-    body = follow_local(gen, 0, sluice().settings.heartbeat_seconds, _watch())
+    gen = start_generation(read_json(request))
+    body = follow_local(gen, 0, sluice().settings.heartbeat_seconds, client_watch())
     return _sse(body, gen.stream_id)
 
 
 @bp.post("/completions")
 @stream_limit
 def start_completion() -> tuple[Response, int]:
-    gen = _start_generation()
+    gen = start_generation(read_json(request))
     gen.start_grace()  # nobody attached yet
     url = url_for("api.attach_stream", stream_id=gen.stream_id)
     return jsonify(stream_id=gen.stream_id, stream_url=url), 202
@@ -108,9 +111,9 @@ def attach_stream(stream_id: str) -> Response:
     heartbeat = app.settings.heartbeat_seconds
     gen = app.manager.local.get(stream_id)
     if gen is not None:
-        body = follow_local(gen, after, heartbeat, _watch())
+        body = follow_local(gen, after, heartbeat, client_watch())
     else:
-        body = follow_remote(app.manager, stream_id, after, heartbeat, _watch())
+        body = follow_remote(app.manager, stream_id, after, heartbeat, client_watch())
     return _sse(body, stream_id)
 
 

@@ -11,10 +11,10 @@ from flask import Request, current_app
 
 from config.settings import Settings
 from streaming.errors import ApiError
-from streaming.manager import StreamManager
+from streaming.manager import RedisGate, StreamManager
 from streaming.upstream import Upstream
 
-__all__ = ["Sluice", "authenticate", "sluice"]
+__all__ = ["RedisGate", "Sluice", "authenticate", "sluice"]
 
 PUBLIC_OWNER = "public"
 
@@ -25,6 +25,10 @@ class Sluice:
     redis: redis.Redis
     upstream: Upstream
     manager: StreamManager
+
+    @property
+    def gate(self) -> RedisGate:
+        return self.manager.gate
 
 
 def sluice() -> Sluice:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 
 import redis
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from streaming import metrics
 
-__all__ = ["ApiError", "error_response", "install_error_handlers"]
+__all__ = ["ApiError", "error_response", "install_error_handlers", "redis_unavailable"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,10 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
     return response
 
 
+def redis_unavailable() -> Response:
+    return error_response(503, "redis_unavailable", "The data store is unavailable.")
+
+
 def install_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
@@ -69,7 +73,15 @@ def install_error_handlers(app: Flask) -> None:
     @app.errorhandler(redis.RedisError)
     def _redis_down(exc: redis.RedisError) -> Response:
         logger.warning("redis unavailable: %s", exc.__class__.__name__)
-        return error_response(503, "redis_unavailable", "The data store is unavailable.")
+        app.extensions["sluice"].gate.failed()
+        return redis_unavailable()
+
+    @app.before_request
+    def _fail_fast() -> Response | None:
+        # registered before the rate limiter's hook, which would wait on Redis too
+        if request.path.startswith(("/api/", "/v1/")) and app.extensions["sluice"].gate.is_open():
+            return redis_unavailable()
+        return None
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

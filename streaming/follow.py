@@ -46,9 +46,16 @@ def is_done_frame(frame: bytes) -> bool:
 
 
 class ClientWatch:
-    """Notices a client that closed its connection, without writing to it."""
+    """Notices a client that closed its connection, without writing to it.
 
-    def __init__(self, sock: socket.socket | None):
+    It also gives the client socket a send timeout: a client that stops reading
+    (full TCP window) makes a write fail after `send_timeout` seconds instead of
+    holding its greenlet forever; the generation is decoupled and never waits.
+    """
+
+    def __init__(self, sock: socket.socket | None, send_timeout: float | None = None):
+        if sock is not None and send_timeout:
+            sock.settimeout(send_timeout)
         self.gone = False
         self.wake = gevent.event.Event()
         self._greenlet = gevent.spawn(self._watch, sock) if sock is not None else None
@@ -132,7 +139,7 @@ def follow_remote(
 def _remote_frames(
     manager: StreamManager, stream_id: str, after: int, heartbeat: float, watch: ClientWatch
 ) -> Iterator[bytes]:
-    frames = manager.read_log(stream_id, after, None)
+    frames = manager.log.read(stream_id, after, None)
     quiet = 0.0
     while not watch.gone:
         if frames:
@@ -141,9 +148,9 @@ def _remote_frames(
             yield b"".join(frames)
             if is_done_frame(frames[-1]):
                 return
-        manager.touch_watch(stream_id)
+        manager.log.touch_watch(stream_id)
         block = min(REMOTE_POLL_MS, max(1, int((heartbeat - quiet) * 1000)))
-        frames = manager.read_log(stream_id, after, block)
+        frames = manager.log.read(stream_id, after, block)
         if not frames:
             quiet += block / 1000
             if quiet >= heartbeat:

@@ -116,7 +116,7 @@ class Generation:
 
     def emit(self, event: str, payload: dict[str, Any]) -> None:
         self.frames.append(encode_json(payload, event=event, id=len(self.frames) + 1))
-        self.manager.mark_dirty(self)
+        self.manager.log.mark_dirty(self)
         for waiter in self.waiters:
             waiter.set()
 
@@ -159,7 +159,7 @@ class Generation:
             gevent.sleep(self.manager.settings.disconnect_grace_seconds)
             if self.attached > 0 or self.done:
                 return
-            if not self.manager.watched_elsewhere(self.stream_id):
+            if not self.manager.log.watched_elsewhere(self.stream_id):
                 break
         self._grace = None
         logger.info("stream %s: no client for the grace window, cancelling", self.stream_id)

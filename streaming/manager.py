@@ -6,8 +6,7 @@ Keys (all under ``sluice:``), for stream id S:
   TTL `LIVE_TTL` while running, refreshed every `TICK` by the owning worker,
   so a crashed worker's streams expire; ``STREAM_RETENTION_SECONDS`` once
   finished.
-- ``events:S``  Redis stream: one entry per flushed batch of SSE frames, entry
-  id ``0-<last seq in batch>``, fields ``f`` (first seq) and ``d`` (frames).
+- ``events:S``  the event log (see `streaming.eventlog`).
 - ``cancel:S``  flag set by DELETE; ``ack:S`` list the owner pushes its final
   reason to; ``watch:S`` set by followers on other workers;
   ``worker:W`` liveness of worker W.
@@ -38,25 +37,32 @@ import gevent
 import redis
 
 from streaming.errors import ApiError
+from streaming.eventlog import EventLog
 from streaming.generation import Generation, GenerationRequest, StreamStopped
 from streaming.sessions import SessionStore
 from streaming.slots import Slots
 from streaming.upstream import Upstream
 
-__all__ = ["StreamManager", "new_stream_id", "valid_stream_id"]
+__all__ = ["RedisGate", "StreamManager", "new_stream_id", "valid_stream_id"]
 
 logger = logging.getLogger(__name__)
 
 CANCEL_CHANNEL = "sluice:cancel"
 TICK = 2.0
 LIVE_TTL = 20
-WORKER_TTL = 10
-WATCH_TTL = 3
+WORKER_TTL = 6  # three missed ticks
 ACK_TTL = 30
-FLUSH_INTERVAL = 0.05
-LOG_MAXLEN = 10_000
 STOP_CANCEL_WAIT = 5.0
+CANCEL_WAIT_MAX = 15.0
 _ID_CHARS = frozenset("0123456789abcdef")
+
+
+_REGISTER_MISSING = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
 
 
 def new_stream_id() -> str:
@@ -71,18 +77,43 @@ def _key(kind: str, stream_id: str) -> str:
     return f"sluice:{kind}:{stream_id}"
 
 
+class RedisGate:
+    """Fail fast while Redis is known to be away.
+
+    After a Redis error, requests that need Redis get 503 at once for
+    `COOLDOWN` seconds instead of each waiting out a socket timeout on a dead
+    or frozen server; then the next request tries Redis again.
+    """
+
+    COOLDOWN = 2.0
+
+    def __init__(self) -> None:
+        self._down_until = 0.0
+
+    def failed(self) -> None:
+        self._down_until = time.monotonic() + self.COOLDOWN
+
+    def recovered(self) -> None:
+        self._down_until = 0.0
+
+    def is_open(self) -> bool:
+        return time.monotonic() < self._down_until
+
+
 class StreamManager:
     def __init__(self, redis_client: redis.Redis, settings, upstream: Upstream):
         self.redis = redis_client
         self.settings = settings
         self.upstream = upstream
+        self._register_missing = redis_client.register_script(_REGISTER_MISSING)
         self.slots = Slots(redis_client, settings.max_concurrent_streams, LIVE_TTL)
         self.sessions = SessionStore(
             redis_client, settings.session_ttl_seconds, settings.session_max_messages
         )
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.local: dict[str, Generation] = {}  # this worker's generations (Redis is the registry)
-        self._dirty: dict[str, Generation] = {}
+        self.log = EventLog(redis_client, self.worker_id, LIVE_TTL)
+        self.gate = RedisGate()
         self._loops: list[gevent.Greenlet] = []
 
     # -- lifecycle ------------------------------------------------------------------
@@ -90,7 +121,7 @@ class StreamManager:
     def _ensure_running(self) -> None:
         if not self._loops:
             self._loops = [
-                gevent.spawn(f) for f in (self._listen, self._tick_loop, self._flush_loop)
+                gevent.spawn(f) for f in (self._listen, self._tick_loop, self.log.flush_loop)
             ]
 
     def shutdown(self, timeout: float = 5.0) -> None:
@@ -119,20 +150,8 @@ class StreamManager:
         ):
             self._release_quietly(request)
             raise ApiError(409, "session_busy", "This session is already generating an answer.")
-        key = _key("stream", request.stream_id)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(
-            key,
-            mapping={
-                "owner": request.owner,
-                "worker": self.worker_id,
-                "state": "running",
-                "created": f"{time.time():.3f}",
-                "model": request.model,
-                "session_id": request.session_id or "",
-            },
-        )
-        pipe.expire(key, LIVE_TTL)
+        self._register(pipe, request, time.time())
         try:
             pipe.execute()
         except redis.RedisError:
@@ -142,6 +161,30 @@ class StreamManager:
         self.local[request.stream_id] = gen
         gen.greenlet = gevent.spawn(gen.run)
         return gen
+
+    def _register(
+        self,
+        pipe: redis.client.Pipeline,
+        request: GenerationRequest,
+        created: float,
+        only_if_missing: bool = False,
+    ):
+        key = _key("stream", request.stream_id)
+        fields = {
+            "owner": request.owner,
+            "client": request.client,
+            "worker": self.worker_id,
+            "state": "running",
+            "created": f"{created:.3f}",
+            "model": request.model,
+            "session_id": request.session_id or "",
+        }
+        if only_if_missing:  # never resurrect an entry its generation just marked finished
+            args = [LIVE_TTL, *(item for pair in fields.items() for item in pair)]
+            self._register_missing(keys=[key], args=args, client=pipe)
+            return
+        pipe.hset(key, mapping=fields)
+        pipe.expire(key, LIVE_TTL)
 
     def _release_quietly(self, request: GenerationRequest) -> None:
         try:
@@ -156,11 +199,11 @@ class StreamManager:
     def finished(self, gen: Generation, error_code: str | None) -> None:
         """Called once from a generation's `finally`, after its `done` event."""
         self.local.pop(gen.stream_id, None)
-        self._dirty.pop(gen.stream_id, None)
+        self.log.forget(gen.stream_id)
         retention = self.settings.stream_retention_seconds
         stream_key, ack_key = _key("stream", gen.stream_id), _key("ack", gen.stream_id)
         pipe = self.redis.pipeline(transaction=False)
-        self._append_log(pipe, gen)
+        self.log.append(pipe, gen)
         pipe.expire(_key("events", gen.stream_id), retention)
         fields = {
             "state": "finished",
@@ -188,71 +231,6 @@ class StreamManager:
             pipe.execute(raise_on_error=False)
         except redis.RedisError as exc:
             logger.warning("stream %s: final write failed: %s", gen.stream_id, exc)
-
-    # -- the event log ----------------------------------------------------------------
-
-    def mark_dirty(self, gen: Generation) -> None:
-        self._dirty[gen.stream_id] = gen
-
-    def _append_log(self, pipe: redis.client.Pipeline, gen: Generation) -> None:
-        first, last = gen.flushed, len(gen.frames)
-        if last <= first:
-            return
-        pipe.xadd(
-            _key("events", gen.stream_id),
-            {"f": first + 1, "d": b"".join(gen.frames[first:last])},
-            id=f"0-{last}",
-            maxlen=LOG_MAXLEN,
-            approximate=True,
-        )
-        gen.flushed = last
-
-    def _flush_loop(self) -> None:
-        while True:
-            gevent.sleep(FLUSH_INTERVAL)
-            if self._dirty:
-                self.flush()
-
-    def flush(self) -> None:
-        batch, self._dirty = self._dirty, {}
-        before = {sid: gen.flushed for sid, gen in batch.items()}
-        pipe = self.redis.pipeline(transaction=False)
-        for gen in batch.values():
-            self._append_log(pipe, gen)
-            pipe.expire(_key("events", gen.stream_id), LIVE_TTL)
-        try:
-            pipe.execute(raise_on_error=False)
-        except redis.RedisError as exc:
-            logger.warning("event log flush failed (%d streams), will retry: %s", len(batch), exc)
-            for sid, gen in batch.items():
-                if not gen.done:
-                    gen.flushed = min(gen.flushed, before[sid])
-                    self._dirty[sid] = gen
-
-    def read_log(self, stream_id: str, after: int, block_ms: int | None) -> list[bytes]:
-        """Frames with seq > `after` from the Redis log; waits up to `block_ms` for new ones."""
-        key = _key("events", stream_id)
-        if block_ms is None:
-            entries = self.redis.xrange(key, min=f"0-{after + 1}")
-        else:
-            reply = self.redis.xread({key: f"0-{after}"}, block=block_ms)
-            entries = reply[0][1] if reply else []
-        frames: list[bytes] = []
-        for _entry_id, fields in entries:
-            first = int(fields[b"f"])
-            batch = fields[b"d"].split(b"\n\n")[:-1]
-            frames.extend(frame + b"\n\n" for frame in batch[max(0, after + 1 - first) :])
-            after = max(after, first + len(batch) - 1)
-        return frames
-
-    def touch_watch(self, stream_id: str) -> None:
-        self.redis.set(_key("watch", stream_id), self.worker_id, ex=WATCH_TTL)
-
-    def watched_elsewhere(self, stream_id: str) -> bool:
-        try:
-            return bool(self.redis.exists(_key("watch", stream_id)))
-        except redis.RedisError:
-            return False
 
     # -- registry and cancel ----------------------------------------------------------
 
@@ -282,7 +260,7 @@ class StreamManager:
         pipe.publish(CANCEL_CHANNEL, stream_id)
         pipe.execute()
         ack_key = _key("ack", stream_id)
-        deadline = time.monotonic() + STOP_CANCEL_WAIT
+        started = time.monotonic()
         while True:
             reply = self.redis.blpop([ack_key], timeout=1.0)
             if reply is not None:
@@ -290,14 +268,37 @@ class StreamManager:
             info = self.info(stream_id, owner)
             if info is None or info["state"] == "finished":
                 return "cancelled" if info and info.get("reason") == "cancelled" else "finished"
-            if not self.redis.exists(f"sluice:worker:{info['worker']}"):
-                # Its worker died: the stream ended with it.
-                self.redis.hset(
-                    _key("stream", stream_id), mapping={"state": "finished", "reason": "error"}
-                )
+            if self._worker_dead(info["worker"], time.monotonic() - started):
+                self._bury(stream_id, info)
                 return "finished"
-            if time.monotonic() > deadline:
+            if time.monotonic() - started > CANCEL_WAIT_MAX:
                 raise TimeoutError(f"stream {stream_id}: cancel not acknowledged")
+
+    def _worker_dead(self, worker_id: str, waited: float) -> bool:
+        """A worker whose liveness key expired (no tick for WORKER_TTL) is gone.
+
+        Only Redis's own expiry is trusted, never another host's clock. A missing
+        key counts once we waited longer than a tick: after a Redis restart every
+        live worker writes its key again within TICK seconds.
+        """
+        return waited > TICK + 0.5 and not self.redis.exists(f"sluice:worker:{worker_id}")
+
+    def _bury(self, stream_id: str, info: dict[str, str]) -> None:
+        """Record the end of a stream whose worker died, and free its slot."""
+        logger.warning(
+            "stream %s: worker %s is gone; marking it finished", stream_id, info["worker"]
+        )
+        retention = self.settings.stream_retention_seconds
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(
+            _key("stream", stream_id),
+            mapping={"state": "finished", "reason": "error", "error": "worker_lost"},
+        )
+        pipe.expire(_key("stream", stream_id), retention)
+        pipe.zrem(f"sluice:slots:{info.get('client', '')}", stream_id)
+        if info.get("session_id"):
+            pipe.delete(f"sluice:session:{info['session_id']}:live")
+        pipe.execute()
 
     def _stop_local(self, stream_ids: Iterator[str] | list[str]) -> None:
         for stream_id in stream_ids:
@@ -334,23 +335,43 @@ class StreamManager:
         while True:
             try:
                 self._tick()
+                self.gate.recovered()
             except redis.RedisError as exc:
+                self.gate.failed()
                 logger.warning("registry refresh failed: %s", exc)
             gevent.sleep(TICK)
 
     def _tick(self) -> None:
-        """Keep this worker's registry entries and leases alive; catch cancel flags."""
-        ids = list(self.local)
+        """Keep this worker's registry entries and leases alive; catch cancel flags.
+
+        Entries a restarted Redis lost are written again (EXPIRE answers 0).
+        """
+        gens = list(self.local.values())
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(f"sluice:worker:{self.worker_id}", "1", ex=WORKER_TTL)
-        flag_at = []
-        for sid in ids:
-            flag_at.append(len(pipe))
-            pipe.exists(_key("cancel", sid))
-            pipe.expire(_key("stream", sid), LIVE_TTL)
-            request = self.local[sid].request
-            self.slots.renew(pipe, request.client, sid)
+        for gen in gens:
+            request = gen.request
+            pipe.exists(_key("cancel", gen.stream_id))
+            pipe.expire(_key("stream", gen.stream_id), LIVE_TTL)
+            self.slots.renew(pipe, request.client, gen.stream_id)
             if request.session_id:
-                self.sessions.renew(pipe, request.session_id, LIVE_TTL)
-        replies = pipe.execute()
-        self._stop_local([sid for sid, at in zip(ids, flag_at, strict=True) if replies[at]])
+                self.sessions.renew(pipe, request.session_id, gen.stream_id, LIVE_TTL)
+        replies = iter(pipe.execute()[1:])
+        lost = self.redis.pipeline(transaction=False)
+        cancelled = []
+        for gen in gens:
+            flagged, alive = next(replies), next(replies)
+            for _ in range(2 + (1 if gen.request.session_id else 0)):
+                next(replies)
+            if flagged:
+                cancelled.append(gen.stream_id)
+            if not alive and not gen.done:
+                self._register(lost, gen.request, gen.created, only_if_missing=True)
+        for gen in gens:
+            if gen.done:  # ended while we renewed: do not leave its leases behind
+                self.slots.release(lost, gen.request.client, gen.stream_id)
+                if gen.request.session_id:
+                    self.sessions.release_if_held(lost, gen.request.session_id, gen.stream_id)
+        if len(lost):
+            lost.execute()
+        self._stop_local(cancelled)

@@ -8,7 +8,7 @@ import redis
 from flask import Blueprint, Response, jsonify, send_from_directory
 
 from streaming.core import sluice
-from streaming.errors import error_response
+from streaming.errors import redis_unavailable
 
 __all__ = ["bp"]
 
@@ -27,7 +27,9 @@ def ready() -> Response:
     try:
         sluice().redis.ping()
     except redis.RedisError:
-        return error_response(503, "redis_unavailable", "The data store is unavailable.")
+        sluice().gate.failed()
+        return redis_unavailable()
+    sluice().gate.recovered()
     return jsonify(status="ready")
 
 

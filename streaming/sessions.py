@@ -26,6 +26,10 @@ import redis
 __all__ = ["SessionStore", "new_session_id", "valid_session_id"]
 
 _HEX = frozenset("0123456789abcdef")
+_RELEASE_IF_HELD = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 def new_session_id() -> str:
@@ -43,6 +47,7 @@ def _key(session_id: str, part: str = "") -> str:
 class SessionStore:
     def __init__(self, redis_client: redis.Redis, ttl: int, max_messages: int):
         self.redis = redis_client
+        self._release_if_held = redis_client.register_script(_RELEASE_IF_HELD)
         self.ttl = ttl
         self.max_messages = max_messages
 
@@ -102,8 +107,8 @@ class SessionStore:
     def claim(self, session_id: str, stream_id: str, lease: int) -> bool:
         return bool(self.redis.set(_key(session_id, ":live"), stream_id, nx=True, ex=lease))
 
-    def renew(self, pipe: redis.client.Pipeline, session_id: str, lease: int) -> None:
-        pipe.expire(_key(session_id, ":live"), lease)
+    def renew(self, pipe: redis.client.Pipeline, session_id: str, stream_id: str, lease: int):
+        pipe.set(_key(session_id, ":live"), stream_id, ex=lease)  # SET: survives a Redis restart
 
     def save_turn(
         self,
@@ -127,8 +132,9 @@ class SessionStore:
         pipe.expire(_key(session_id), self.ttl)
         pipe.delete(_key(session_id, ":live"))
 
-    def release(self, session_id: str) -> None:
-        self.redis.delete(_key(session_id, ":live"))
+    def release_if_held(self, pipe: redis.client.Pipeline, session_id: str, stream_id: str):
+        """Drop the live marker only if this stream still holds it."""
+        self._release_if_held(keys=[_key(session_id, ":live")], args=[stream_id], client=pipe)
 
     def _touch(self, session_id: str) -> None:
         pipe = self.redis.pipeline(transaction=False)

@@ -45,7 +45,8 @@ class Slots:
         return bool(self._acquire(keys=[self.key(client)], args=args))
 
     def renew(self, pipe: redis.client.Pipeline, client: str, stream_id: str) -> None:
-        pipe.zadd(self.key(client), {stream_id: time.time() + self.lease}, xx=True)
+        # plain ZADD: after a Redis restart the lease is taken again
+        pipe.zadd(self.key(client), {stream_id: time.time() + self.lease})
         pipe.expire(self.key(client), self.lease * 2)
 
     def release(self, pipe: redis.client.Pipeline, client: str, stream_id: str) -> None:

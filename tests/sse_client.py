@@ -35,6 +35,7 @@ class EventStream:
         self._pending = ""
         self.events: list[dict] = []
         self.pings = 0
+        self.broken = False
 
     @property
     def stream_id(self) -> str:
@@ -52,7 +53,11 @@ class EventStream:
         self.close()
 
     def _read_more(self) -> bool:
-        chunk = self.resp.read1(65536)
+        try:
+            chunk = self.resp.read1(65536)
+        except (http.client.IncompleteRead, ConnectionError):
+            self.broken = True  # the server went away mid-body (a killed worker)
+            return False
         if not chunk:
             return False
         decoded = chunk.decode()
