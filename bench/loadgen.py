@@ -122,10 +122,12 @@ class StreamFailed(Exception):
 
 class Generator:
     def __init__(self, args: argparse.Namespace):
-        import gevent  # noqa: F401 - imported here: the orchestrator never loads gevent
-        from gevent import socket
+        import os
 
-        self.socket = socket
+        os.environ.setdefault("GEVENT_RESOLVER", "block")  # no thread pool for 127.0.0.1
+        from gevent import get_hub, socket
+
+        self.socket, self.hub = socket, get_hub()
         url = urlsplit(args.url)
         self.host, self.port = url.hostname, url.port
         self.kind = args.kind
@@ -183,15 +185,26 @@ class Generator:
         counted = self.w0 <= t_start < self.w1
         if counted:
             self.started += 1
-        sock = None
+        sock = watcher = None
+        hub = self.hub
         with gevent.Timeout(STREAM_TIMEOUT):
             try:
-                sock = self.socket.create_connection((self.host, self.port))
+                sock = self.socket.socket(_stdsocket.AF_INET, _stdsocket.SOCK_STREAM)
                 sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+                sock.connect((self.host, self.port))
                 sock.sendall(request_bytes(kind, self.host, self.port, prompt))
+                # Wait, then receive, on the plain non-blocking socket: no EAGAIN exception
+                # per receive as gevent's recv() has (the data comes one frame at a time).
+                raw = sock._sock
+                recv = raw.recv
+                watcher = hub.loop.io(raw.fileno(), 1)
                 buf = b""
                 while (end := buf.find(b"\r\n\r\n")) < 0:
-                    data = sock.recv(65536)
+                    hub.wait(watcher)
+                    try:
+                        data = recv(65536)
+                    except BlockingIOError:
+                        continue
                     if not data:
                         raise StreamFailed("closed before the response head")
                     buf += data
@@ -227,12 +240,18 @@ class Generator:
                                 self.token_events += found
                         if end_marker in block:
                             break
-                    data = sock.recv(65536)
+                    hub.wait(watcher)
+                    try:
+                        data = recv(65536)
+                    except BlockingIOError:
+                        continue
                     now = perf()
                     if not data:
                         raise StreamFailed("closed before the end")
                     buf += data
             finally:
+                if watcher is not None:
+                    watcher.close()
                 if sock is not None:
                     sock.close()
         got = events

@@ -6,6 +6,7 @@ a deadline; nothing sleeps to synchronize.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -24,7 +25,13 @@ import psutil
 from config.devservices import redis_server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
+PR_SET_PDEATHSIG = 1
 VENV_BIN = Path(sys.executable).parent
+
+
+def _die_with_parent() -> None:
+    """Runs in the child: get SIGTERM if the test process dies (no orphaned servers)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -77,6 +84,7 @@ class RedisServer:
             ],
             stdout=subprocess.PIPE,
             text=True,
+            preexec_fn=_die_with_parent,
         )
         for line in self.proc.stdout:  # wait for its own "Ready to accept connections"
             if "Ready to accept connections" in line:
@@ -106,6 +114,7 @@ class Simulator:
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,
+            preexec_fn=_die_with_parent,
         )
         line = self.proc.stdout.readline()
         assert "http://" in line, line
@@ -160,6 +169,7 @@ class Sluice:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         wait_for(self._all_workers_up, timeout=30, what="gunicorn workers")
         return self
