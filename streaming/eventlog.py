@@ -8,7 +8,8 @@ generation's own worker never read it: they are fed in-process.
 Appends are batched: a generation only marks itself dirty; one flusher
 greenlet per worker writes every dirty stream's new frames every
 `FLUSH_INTERVAL` in a single pipeline, so Redis sees a few commands per
-stream per 50 ms, not one per token. The final frames (``done``) are written
+stream per 100 ms, not one per token (the TTL is set on the first append and
+renewed by the manager's tick). The final frames (``done``) are written
 by the generation's own final pipeline. A failed flush (Redis away) is kept
 and retried. Readers replay with XRANGE and follow with XREAD BLOCK.
 """
@@ -28,7 +29,7 @@ __all__ = ["EventLog"]
 
 logger = logging.getLogger(__name__)
 
-FLUSH_INTERVAL = 0.05
+FLUSH_INTERVAL = 0.1
 LOG_MAXLEN = 10_000
 WATCH_TTL = 3
 
@@ -75,25 +76,29 @@ class EventLog:
         batch, self._dirty = self._dirty, {}
         before = {sid: gen.flushed for sid, gen in batch.items()}
         pipe = self.redis.pipeline(transaction=False)
-        appended = []  # stream ids, in the order of their (XADD, EXPIRE) pairs
+        appended = []  # (stream id, index of its XADD reply)
         for gen in batch.values():
+            at = len(pipe)
             if self.append(pipe, gen):
-                appended.append(gen.stream_id)
-                pipe.expire(_key("events", gen.stream_id), self.live_ttl)
+                appended.append((gen.stream_id, at))
+                if before[gen.stream_id] == 0:  # a new key: give it a TTL (the tick renews it)
+                    pipe.expire(_key("events", gen.stream_id), self.live_ttl)
         try:
             replies = pipe.execute(raise_on_error=False)
         except redis.RedisError as exc:
             logger.warning("event log flush failed (%d streams), will retry: %s", len(batch), exc)
             failed = list(batch)
         else:
-            failed = [
-                sid
-                for sid, reply in zip(appended, replies[::2], strict=False)
-                if isinstance(reply, redis.ResponseError) and "smaller" not in str(reply)
+            refused = [
+                (sid, replies[at])
+                for sid, at in appended
+                if isinstance(replies[at], redis.ResponseError)
+                and "smaller" not in str(replies[at])
             ]
-            if failed:  # e.g. OOM under noeviction: keep the frames and try again
+            failed = [sid for sid, _ in refused]
+            if refused:  # e.g. OOM under noeviction: keep the frames and try again
                 logger.warning(
-                    "event log append refused for %d streams: %s", len(failed), replies[0]
+                    "event log append refused for %d streams: %s", len(refused), refused[0][1]
                 )
         for sid in failed:
             gen = batch[sid]

@@ -9,7 +9,7 @@ without the reader blocking are joined into one ``token`` event, emitted by a
 hub callback the moment the reader blocks or yields. The reader yields at
 least every `YIELD_EVERY` chunks, so a fast upstream cannot starve the other
 streams of its worker. Events go to the in-process frame list (live
-followers on this worker are woken directly) and, batched every 50 ms by the
+followers on this worker are woken directly) and, batched every 100 ms by the
 manager's flusher, to the Redis event log for followers elsewhere.
 
 Flow (any other end). Cancel, client gone past the grace window and worker

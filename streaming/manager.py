@@ -353,6 +353,7 @@ class StreamManager:
             request = gen.request
             pipe.exists(_key("cancel", gen.stream_id))
             pipe.expire(_key("stream", gen.stream_id), LIVE_TTL)
+            pipe.expire(_key("events", gen.stream_id), LIVE_TTL)
             self.slots.renew(pipe, request.client, gen.stream_id)
             if request.session_id:
                 self.sessions.renew(pipe, request.session_id, gen.stream_id, LIVE_TTL)
@@ -361,7 +362,7 @@ class StreamManager:
         cancelled = []
         for gen in gens:
             flagged, alive = next(replies), next(replies)
-            for _ in range(2 + (1 if gen.request.session_id else 0)):
+            for _ in range(3 + (1 if gen.request.session_id else 0)):
                 next(replies)
             if flagged:
                 cancelled.append(gen.stream_id)
