@@ -27,9 +27,14 @@ complete frames are searched for a marker:
 - ``common`` (bench/common_design.py): ``data:`` chunks of type token.
 
 Per stream: TTFT = from just before ``connect()`` to the receive holding the
-first token frame; gaps = time between receives holding token frames (frames
-that arrive in one receive count a gap of 0). Delivered tokens/s = tokens of
-the streams that ended inside the window / window length.
+first token frame, for the streams whose first token arrives inside the
+window (also kept, for diagnosis: connect -> response head, and Sluice's own
+``metadata.ttft_ms``, counted from the generation's creation); gaps = time
+between receives holding token frames inside the window (frames that arrive
+in one receive count a gap of 0). Delivered tokens/s = tokens received inside
+the window / its length, where a stream's token count is shared out over its
+frames (exact for the simulator: one token per frame; for Sluice the ``done``
+event's ``token_count`` over its token events).
 """
 
 from __future__ import annotations
@@ -140,9 +145,11 @@ class Generator:
         self.w1 = self.w0 + args.duration
         self.stagger = (self.tmin + self.tmax) / 2 / self.rate
         self.ttft: list[float] = []
+        self.head: list[float] = []  # connect -> response head (sluice: with the start event)
+        self.server_ttft: list[float] = []  # sluice: the done event's metadata.ttft_ms
         self.gaps = Hist()
         self.gap_max = 0.0
-        self.tokens = 0  # tokens of streams that ended inside the window
+        self.tokens = 0.0  # tokens received inside the window
         self.token_events = 0  # token frames received inside the window
         self.completed = 0
         self.started = 0
@@ -181,93 +188,103 @@ class Generator:
 
         kind, (_, marker, end_marker) = self.kind, KINDS[self.kind]
         perf = time.perf_counter
+        w0, w1 = self.w0, self.w1
         t_start = perf()
-        counted = self.w0 <= t_start < self.w1
-        if counted:
+        if w0 <= t_start < w1:
             self.started += 1
         sock = watcher = None
         hub = self.hub
-        with gevent.Timeout(STREAM_TIMEOUT):
-            try:
-                sock = self.socket.socket(_stdsocket.AF_INET, _stdsocket.SOCK_STREAM)
-                sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
-                sock.connect((self.host, self.port))
-                sock.sendall(request_bytes(kind, self.host, self.port, prompt))
-                # Wait, then receive, on the plain non-blocking socket: no EAGAIN exception
-                # per receive as gevent's recv() has (the data comes one frame at a time).
-                raw = sock._sock
-                recv = raw.recv
-                watcher = hub.loop.io(raw.fileno(), 1)
-                buf = b""
-                while (end := buf.find(b"\r\n\r\n")) < 0:
-                    hub.wait(watcher)
-                    try:
-                        data = recv(65536)
-                    except BlockingIOError:
-                        continue
-                    if not data:
-                        raise StreamFailed("closed before the response head")
-                    buf += data
-                now = perf()
-                if not buf.startswith(b"HTTP/1.1 200"):
-                    raise StreamFailed(f"HTTP {buf[9:12].decode(errors='replace')}")
-                buf = buf[end + 4 :]
-                first = last = None
-                events = 0
-                w0, w1 = self.w0, self.w1
-                while True:
-                    cut = buf.rfind(b"\n\n")
-                    if cut >= 0:
-                        block, buf = buf[: cut + 2], buf[cut + 2 :]
-                        n = found = block.count(marker)
-                        if n:
-                            events += n
-                            if first is None:
-                                first = now
-                                if counted:
-                                    self.ttft.append(now - t_start)
-                            else:
-                                gap = now - last
-                                if w0 <= now < w1:
+        events = in_window = 0  # token frames received, and those inside the window
+        first_in_window = False
+        try:
+            with gevent.Timeout(STREAM_TIMEOUT):
+                try:
+                    sock = self.socket.socket(_stdsocket.AF_INET, _stdsocket.SOCK_STREAM)
+                    sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+                    sock.connect((self.host, self.port))
+                    sock.sendall(request_bytes(kind, self.host, self.port, prompt))
+                    # Wait, then receive, on the plain non-blocking socket: no EAGAIN
+                    # exception per receive as gevent's recv() has (frames come one by one).
+                    raw = sock._sock
+                    recv = raw.recv
+                    watcher = hub.loop.io(raw.fileno(), 1)
+                    buf = b""
+                    while (end := buf.find(b"\r\n\r\n")) < 0:
+                        hub.wait(watcher)
+                        try:
+                            data = recv(65536)
+                        except BlockingIOError:
+                            continue
+                        if not data:
+                            raise StreamFailed("closed before the response head")
+                        buf += data
+                    now = perf()
+                    if w0 <= now < w1:
+                        self.head.append(now - t_start)
+                    if not buf.startswith(b"HTTP/1.1 200"):
+                        raise StreamFailed(f"HTTP {buf[9:12].decode(errors='replace')}")
+                    buf = buf[end + 4 :]
+                    last = None
+                    while True:
+                        cut = buf.rfind(b"\n\n")
+                        if cut >= 0:
+                            block, buf = buf[: cut + 2], buf[cut + 2 :]
+                            if n := block.count(marker):
+                                events += n
+                                inside = w0 <= now < w1
+                                if last is None:
+                                    if inside:
+                                        self.ttft.append(now - t_start)
+                                        first_in_window = True
+                                elif inside:
+                                    gap = now - last
                                     self.gaps.add(gap)
                                     if gap > self.gap_max:
                                         self.gap_max = gap
-                            n -= 1  # the first frame of this receive had its gap (or TTFT)
-                            if n and w0 <= now < w1:
-                                self.gaps.add(0.0, n)
-                            last = now
-                            if w0 <= now < w1:
-                                self.token_events += found
-                        if end_marker in block:
-                            break
-                    hub.wait(watcher)
-                    try:
-                        data = recv(65536)
-                    except BlockingIOError:
-                        continue
-                    now = perf()
-                    if not data:
-                        raise StreamFailed("closed before the end")
-                    buf += data
-            finally:
-                if watcher is not None:
-                    watcher.close()
-                if sock is not None:
-                    sock.close()
-        got = events
-        if kind == "sluice":
-            at = block.rindex(b"event: done")
-            line = block[block.index(b"data: ", at) + 6 :].split(b"\n", 1)[0]
-            done = json.loads(line)
-            if done["reason"] != "stop":
-                raise StreamFailed(f"done reason {done['reason']}")
-            got = done["metadata"]["token_count"]
-        elif kind == "common" and b'"type": "error"' in block:
-            raise StreamFailed("error event")
-        if got != tokens:
-            raise StreamFailed(f"{got} tokens of {tokens}")
-        if self.w0 <= now < self.w1:
-            self.tokens += got
+                                if inside:
+                                    in_window += n
+                                    if n > 1:  # frames that came in the same receive
+                                        self.gaps.add(0.0, n - 1)
+                                last = now
+                            if end_marker in block:
+                                break
+                        hub.wait(watcher)
+                        try:
+                            data = recv(65536)
+                        except BlockingIOError:
+                            continue
+                        now = perf()
+                        if not data:
+                            raise StreamFailed("closed before the end")
+                        buf += data
+                finally:
+                    if watcher is not None:
+                        watcher.close()
+                    if sock is not None:
+                        sock.close()
+            got = events
+            if kind == "sluice":
+                at = block.rindex(b"event: done")
+                line = block[block.index(b"data: ", at) + 6 :].split(b"\n", 1)[0]
+                done = json.loads(line)
+                if done["reason"] != "stop":
+                    raise StreamFailed(f"done reason {done['reason']}")
+                got = done["metadata"]["token_count"]
+                if first_in_window and done["metadata"]["ttft_ms"] is not None:
+                    self.server_ttft.append(done["metadata"]["ttft_ms"] / 1000)
+            elif kind == "common" and b'"type": "error"' in block:
+                raise StreamFailed("error event")
+            if got != tokens:
+                raise StreamFailed(f"{got} tokens of {tokens}")
+        except BaseException:
+            self.tokens += in_window  # a frame is at least one token
+            self.token_events += in_window
+            raise
+        # Tokens inside the window: the stream's token count shared out over its frames
+        # (Sluice may join several deltas in one frame; direct: one token per frame).
+        self.tokens += got * in_window / events if events else 0
+        self.token_events += in_window
+        if w0 <= now < w1:
             self.completed += 1
 
     def run(self) -> dict:
@@ -288,12 +305,15 @@ class Generator:
             "tokens_range": [self.tmin, self.tmax],
             "window_s": self.w1 - self.w0,
             "ttft_s": self.ttft,
+            "head_s": self.head,
+            "server_ttft_s": self.server_ttft,
             "gaps": self.gaps.to_json(),
             "gap_max_s": self.gap_max,
             "tokens": self.tokens,
             "token_events": self.token_events,
             "completed": self.completed,
             "started": self.started,
+            "first_tokens": len(self.ttft),
             "errors": self.errors,
             "unfinished_at_drain": unfinished,
             "cpu_window_s": self.cpu_window,
@@ -309,14 +329,16 @@ def merge(parts: list[dict]) -> dict:
     """Combine the JSON of several generator processes run at the same time."""
     merged = dict(parts[0])
     gaps = Hist()
-    merged["ttft_s"], merged["errors"] = [], {}
-    for key in ("streams", "tokens", "token_events", "completed", "started"):
+    merged["ttft_s"], merged["head_s"], merged["server_ttft_s"], merged["errors"] = [], [], [], {}
+    for key in ("streams", "tokens", "token_events", "completed", "started", "first_tokens"):
         merged[key] = sum(p[key] for p in parts)
     merged["unfinished_at_drain"] = sum(p["unfinished_at_drain"] for p in parts)
     merged["cpu_window_s"] = sum(p["cpu_window_s"] for p in parts)
     merged["gap_max_s"] = max(p["gap_max_s"] for p in parts)
     for p in parts:
         merged["ttft_s"] += p["ttft_s"]
+        merged["head_s"] += p["head_s"]
+        merged["server_ttft_s"] += p["server_ttft_s"]
         gaps.merge(Hist.from_json(p["gaps"]))
         for what, n in p["errors"].items():
             merged["errors"][what] = merged["errors"].get(what, 0) + n
@@ -339,6 +361,8 @@ def summarize(raw: dict) -> dict:
         "delivered_tps": raw["tokens"] / window,
         "ttft_p50_ms": pct(ttft_ms, 50),
         "ttft_p99_ms": pct(ttft_ms, 99),
+        "head_p50_ms": pct([t * 1000 for t in raw["head_s"]], 50),
+        "server_ttft_p50_ms": pct([t * 1000 for t in raw["server_ttft_s"]], 50),
         "gap_p50_ms": gaps.pct_ms(50),
         "gap_p99_ms": gaps.pct_ms(99),
         "gap_max_ms": raw["gap_max_s"] * 1000,
@@ -356,9 +380,7 @@ def summarize(raw: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        "python -m bench.loadgen", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser("python -m bench.loadgen", description=__doc__.splitlines()[0])
     parser.add_argument("--kind", choices=sorted(KINDS), required=True)
     parser.add_argument("--url", required=True, help="http://127.0.0.1:PORT (loopback only)")
     parser.add_argument("--streams", type=int, required=True)

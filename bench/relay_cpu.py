@@ -3,10 +3,12 @@
 Starts a real redis-server, the simulator and gunicorn (2 gevent workers),
 runs concurrent streams through Sluice, and reads the CPU time (user+system)
 of the gunicorn workers from /proc before and after. The baseline in the same
-run is the simulator's CPU for producing the same tokens. Figures print as a
-Markdown table; ``--write`` appends them to bench/RESULTS.md.
+run is the simulator's CPU for producing the same tokens. The common design
+(bench/common_design.py) runs the same scenarios under the same gunicorn +
+gevent. Figures print as a Markdown table; ``--write`` appends them to
+bench/RESULTS.md.
 
-    python -m bench.relay_cpu [--write]
+    python -m bench.relay_cpu [--write] [--quick] [--sluice-only]
 """
 
 from __future__ import annotations
@@ -14,35 +16,28 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import platform
 import sys
 import threading
 import time
-from datetime import date
 from pathlib import Path
-
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.harness import RedisServer, Simulator, Sluice  # noqa: E402
+from bench.stack import Stack, cpu_seconds, machine, md_table, now  # noqa: E402
 
 SCENARIOS = [
     # name, streams, tokens per stream, upstream tokens/s per stream (0 = as fast as it can)
     ("paced 50 tok/s", 100, 250, 50),
     ("unthrottled", 20, 2000, 0),
 ]
+QUICK_SCENARIOS = [
+    ("paced 50 tok/s", 50, 150, 50),
+    ("unthrottled", 10, 1000, 0),
+]
+DESIGNS = {"sluice": "Sluice", "common": "common design"}
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        times = psutil.Process(pid).cpu_times()
-        total += times.user + times.system
-    return total
-
-
-def run_stream(port: int, tokens: int, rate: int, results: list, index: int) -> None:
+def run_stream(kind: str, port: int, tokens: int, rate: int, results: list, index: int) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     body = json.dumps({"prompt": f"bench {index} sim:tokens={tokens} sim:rate={rate} sim:delay=0"})
     conn.request("POST", "/api/v1/completions/stream", body, {"Content-Type": "application/json"})
@@ -51,15 +46,20 @@ def run_stream(port: int, tokens: int, rate: int, results: list, index: int) -> 
     while chunk := resp.read1(65536):
         data += chunk
     conn.close()
-    done = data[data.rindex(b"event: done") :]
-    results[index] = json.loads(done.split(b"data: ", 1)[1].split(b"\n", 1)[0])
+    if kind == "sluice":
+        done = data[data.rindex(b"event: done") :]
+        event = json.loads(done.split(b"data: ", 1)[1].split(b"\n", 1)[0])
+        results[index] = (event["metadata"]["token_count"], event["reason"])
+    else:  # the common design: one data chunk per upstream delta, then {"type": "done"}
+        ended = b'"type": "done"' in data and b'"type": "error"' not in data
+        results[index] = (data.count(b'data: {"type": "token"'), "stop" if ended else "error")
 
 
-def scenario(server: Sluice, sim: Simulator, streams: int, tokens: int, rate: int) -> dict:
+def scenario(kind: str, server, sim, streams: int, tokens: int, rate: int) -> dict:
     workers = server.worker_pids()
     results: list = [None] * streams
     threads = [
-        threading.Thread(target=run_stream, args=(server.port, tokens, rate, results, i))
+        threading.Thread(target=run_stream, args=(kind, server.port, tokens, rate, results, i))
         for i in range(streams)
     ]
     cpu0, sim0, t0 = cpu_seconds(workers), sim.stats()["cpu_seconds"], time.monotonic()
@@ -68,9 +68,10 @@ def scenario(server: Sluice, sim: Simulator, streams: int, tokens: int, rate: in
     for t in threads:
         t.join()
     cpu1, sim1, t1 = cpu_seconds(workers), sim.stats()["cpu_seconds"], time.monotonic()
-    relayed = sum(r["metadata"]["token_count"] for r in results)
-    reasons = {r["reason"] for r in results}
+    relayed = sum(r[0] for r in results)
+    reasons = {r[1] for r in results}
     assert reasons == {"stop"}, reasons
+    assert relayed == streams * tokens, (relayed, streams * tokens)
     return {
         "tokens": relayed,
         "seconds": t1 - t0,
@@ -79,42 +80,59 @@ def scenario(server: Sluice, sim: Simulator, streams: int, tokens: int, rate: in
     }
 
 
+def run(kinds=("sluice", "common"), quick: bool = False) -> dict:
+    rows, data = [], {}
+    with Stack() as stack:
+        redis_server = stack.redis()
+        sim = stack.simulator("--rate", "0", "--delay", "0")
+        for kind in kinds:
+            server = stack.sluice(redis_server, sim) if kind == "sluice" else stack.common(sim)
+            scenario(kind, server, sim, 4, 200, 0)  # warm up connections and imports
+            for name, streams, tokens, rate in QUICK_SCENARIOS if quick else SCENARIOS:
+                r = scenario(kind, server, sim, streams, tokens, rate)
+                data[f"{kind} / {name}"] = r
+                rows.append(
+                    [
+                        DESIGNS[kind],
+                        name,
+                        f"{streams} × {tokens}",
+                        r["tokens"],
+                        f"{r['server_ms_per_1k']:.1f}",
+                        f"{r['sim_ms_per_1k']:.1f}",
+                        f"{r['server_ms_per_1k'] / r['sim_ms_per_1k']:.2f}",
+                        f"{r['seconds']:.1f}",
+                    ]
+                )
+            stack.release(server)
+    table = md_table(
+        [
+            "design",
+            "scenario",
+            "streams × tokens",
+            "tokens relayed",
+            "server CPU ms / 1k tokens",
+            "simulator CPU ms / 1k tokens (baseline)",
+            "ratio",
+            "wall s",
+        ],
+        rows,
+    )
+    markdown = f"### Relay CPU (2 gevent workers; target ≤ 40 ms / 1k tokens)\n\n{table}"
+    return {"markdown": markdown, "data": data}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="append to bench/RESULTS.md")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sluice-only", action="store_true")
     args = parser.parse_args()
-    redis_server = RedisServer().start()
-    sim = Simulator("--rate", "0", "--delay", "0").start()
-    server = Sluice(
-        {"REDIS_URL": redis_server.url, "OPENAI_BASE_URL": sim.v1, "OPENAI_API_KEY": "sk-bench"},
-        workers=2,
-    ).start()
-    rows = []
-    try:
-        scenario(server, sim, 4, 200, 0)  # warm up connections and imports
-        for name, streams, tokens, rate in SCENARIOS:
-            r = scenario(server, sim, streams, tokens, rate)
-            rows.append(
-                f"| {name} | {streams} × {tokens} | {r['tokens']} | {r['server_ms_per_1k']:.1f} | "
-                f"{r['sim_ms_per_1k']:.1f} | {r['server_ms_per_1k'] / r['sim_ms_per_1k']:.2f} | "
-                f"{r['seconds']:.1f} |"
-            )
-    finally:
-        server.stop()
-        sim.stop()
-        redis_server.stop()
-    header = (
-        f"### relay_cpu — {date.today()} — {platform.machine()}, {psutil.cpu_count()} cores, "
-        f"2 gevent workers\n\n"
-        "| scenario | streams × tokens | tokens relayed | Sluice server CPU ms / 1k tokens | "
-        "simulator CPU ms / 1k tokens (baseline) | ratio | wall s |\n"
-        "| --- | --- | --- | --- | --- | --- | --- |\n"
-    )
-    table = header + "\n".join(rows) + "\n"
-    print(table)
+    kinds = ("sluice",) if args.sluice_only else ("sluice", "common")
+    result = run(kinds, args.quick)
+    print(result["markdown"])
     if args.write:
         with open(Path(__file__).with_name("RESULTS.md"), "a") as out:
-            out.write("\n" + table)
+            out.write(f"\n## relay_cpu — {now()} — {machine()}\n\n{result['markdown']}")
     return 0
 
 

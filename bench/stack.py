@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import tests.harness  # noqa: E402
 from tests.harness import (  # noqa: E402
     VENV_BIN,
     RedisServer,
@@ -48,6 +49,8 @@ __all__ = [
     "raise_nofile",
     "rss_bytes",
     "wait_for",
+    "worker_of_connection",
+    "workers_of_connections",
 ]
 
 OUT = ROOT / "bench" / "out"  # raw figures, profiles, logs (git-ignored)
@@ -92,6 +95,49 @@ def rss_bytes(pids: list[int]) -> int:
         except psutil.NoSuchProcess:
             continue
     return total
+
+
+def workers_of_connections(
+    worker_pids: list[int], server_port: int, client_ports: list[int]
+) -> dict[int, int]:
+    """Which of `worker_pids` accepted each of our connections (client port -> pid); ports
+    not accepted yet are missing. Like tests/harness.py's worker_of_connection, but reads
+    /proc directly and for several connections at once (psutil takes ~30 ms a call here)."""
+    wanted = set(client_ports)
+    inodes: dict[str, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as lines:
+                next(lines)
+                for line in lines:
+                    fields = line.split()
+                    remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                    if remote_port in wanted and int(fields[1].rsplit(":", 1)[1], 16) == (
+                        server_port
+                    ):
+                        if fields[9] != "0":
+                            inodes[f"socket:[{fields[9]}]"] = remote_port
+        except OSError:
+            continue
+    found: dict[int, int] = {}
+    for pid in worker_pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                port = inodes.get(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                continue
+            if port is not None:
+                found[port] = pid
+    return found
+
+
+def worker_of_connection(worker_pids: list[int], server_port: int, client_port: int):
+    """The pid among `worker_pids` that accepted our connection from `client_port`, or None."""
+    return workers_of_connections(worker_pids, server_port, [client_port]).get(client_port)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -163,6 +209,8 @@ class CommonServer(Sluice):
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # like the harness's servers: die with the process that started them
+            preexec_fn=getattr(tests.harness, "_die_with_parent", None),
         )
         wait_for(self._all_workers_up, timeout=30, what="common design workers")
         return self
