@@ -21,6 +21,7 @@ from streaming.errors import install_error_handlers
 from streaming.limits import init_limits
 from streaming.logs import configure_logging, install_request_log
 from streaming.manager import StreamManager
+from streaming.redis_conn import connect
 from streaming.upstream import Upstream
 
 __all__ = ["create_app"]
@@ -42,7 +43,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["SECRET_KEY"] = settings.secret_key
     app.json.sort_keys = False
 
-    redis_client = redis.Redis.from_url(
+    redis_client = connect(
         settings.redis_url,
         socket_timeout=2,  # a frozen Redis fails a call after 2 s (BLPOP/XREAD block <= 1 s)
         socket_connect_timeout=2,

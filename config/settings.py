@@ -71,8 +71,10 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
-        if value and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("a redis://, rediss:// or unix:// URL")
+        if value and not value.startswith(
+            ("redis://", "rediss://", "unix://", "redis+sentinel://")
+        ):
+            raise ValueError("a redis://, rediss://, unix:// or redis+sentinel:// URL")
         return value or None
 
     @model_validator(mode="after")
