@@ -36,9 +36,8 @@ from bench.client import Conn, delete_request, post_request, wait_readable
 from bench.disconnect import close_try
 from bench.stack import (
     Stack,
-    machine,
+    append_results,
     md_table,
-    now,
     pct,
     wait_sim_idle,
     workers_of_connections,
@@ -290,10 +289,7 @@ def main() -> int:
     result = run(args.quick, args.tries, kinds)
     print(result["markdown"])
     if args.write:
-        from bench.stack import RESULTS
-
-        with open(RESULTS, "a") as out:
-            out.write(f"\n## cancel — {now()} — {machine()}\n\n{result['markdown']}")
+        append_results("cancel", result["markdown"])
     return 0
 
 

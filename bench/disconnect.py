@@ -25,7 +25,7 @@ import itertools
 import time
 
 from bench.client import Conn, direct_request, post_request
-from bench.stack import Stack, machine, md_table, now, pct, wait_sim_idle
+from bench.stack import Stack, append_results, md_table, pct, wait_sim_idle
 
 __all__ = ["close_try", "run"]
 
@@ -158,10 +158,7 @@ def main() -> int:
     result = run(args.quick, args.tries)
     print(result["markdown"])
     if args.write:
-        from bench.stack import RESULTS
-
-        with open(RESULTS, "a") as out:
-            out.write(f"\n## disconnect — {now()} — {machine()}\n\n{result['markdown']}")
+        append_results("disconnect", result["markdown"])
     return 0
 
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from bench import load
-from bench.stack import OUT, Stack, machine, md_table, now
+from bench.stack import OUT, Stack, append_results, md_table
 
 __all__ = ["profile_workers", "run", "summarize"]
 
@@ -221,10 +221,7 @@ def main() -> int:
     result = run(args.streams, args.duration)
     print(result["markdown"])
     if args.write:
-        from bench.stack import RESULTS
-
-        with open(RESULTS, "a") as out:
-            out.write(f"\n## hotspots — {now()} — {machine()}\n\n{result['markdown']}")
+        append_results("hotspots", result["markdown"])
     return 0
 
 

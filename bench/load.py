@@ -32,10 +32,9 @@ from bench.stack import (
     OUT,
     ROOT,
     Stack,
+    append_results,
     cpu_seconds,
-    machine,
     md_table,
-    now,
     sim_stats,
     wait_sim_idle,
 )
@@ -259,10 +258,7 @@ def main() -> int:
 
         print(f"plot: {plot(result['results'])}")
     if args.write:
-        from bench.stack import RESULTS
-
-        with open(RESULTS, "a") as out:
-            out.write(f"\n## load — {now()} — {machine()}\n\n{result['markdown']}")
+        append_results("load", result["markdown"])
     return 0
 
 

@@ -28,9 +28,8 @@ from bench.stack import (
     OUT,
     ROOT,
     Stack,
-    machine,
+    append_results,
     md_table,
-    now,
     rss_bytes,
     sim_stats,
     wait_for,
@@ -438,10 +437,7 @@ def main() -> int:
         result["markdown"] += "\n" + probe()["markdown"]
     print(result["markdown"])
     if args.write:
-        from bench.stack import RESULTS
-
-        with open(RESULTS, "a") as out:
-            out.write(f"\n## memory — {now()} — {machine()}\n\n{result['markdown']}")
+        append_results("memory", result["markdown"])
     return 0
 
 

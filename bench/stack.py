@@ -171,6 +171,12 @@ def machine() -> str:
     )
 
 
+def append_results(name: str, markdown: str) -> None:
+    """Append one benchmark's section to bench/RESULTS.md."""
+    with open(RESULTS, "a") as out:
+        out.write(f"\n## {name} — {now()} — {machine()}\n\n{markdown}")
+
+
 def now() -> str:
     return datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
 
