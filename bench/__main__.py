@@ -3,8 +3,8 @@
 Runs, one at a time (a 2-core box: nothing else should run meanwhile), each
 with its own real processes on 127.0.0.1 and each bounded in time:
 
-- relay   bench/relay_cpu.py   server CPU per 1,000 relayed tokens (Sluice, common design)
-- load    bench/load.py        N streams x 50 tok/s, Sluice vs direct (+ common design at 200),
+- relay   bench/relay_cpu.py   server CPU per 1,000 relayed tokens (Sluice, Sluice unbatched, common design)
+- load    bench/load.py        N streams x 50 tok/s, Sluice vs direct (+ unbatched, common at 200),
                                and the plot bench/latency.png (bench/plot.py)
 - cancel  bench/cancel.py      DELETE -> done / upstream closed, across workers and servers
 - disconnect bench/disconnect.py  client gone -> upstream closed (chatty, silent upstream)
@@ -65,12 +65,14 @@ def targets(results: dict) -> tuple[str, list[str]]:
         for name in ("paced 50 tok/s", "unthrottled"):
             r = relay["data"].get(f"sluice / {name}")
             c = relay["data"].get(f"common / {name}")
+            z = relay["data"].get(f"sluice0 / {name}")
             if r:
                 add(
                     f"relay CPU, {name}",
                     "≤ 40 ms / 1k tokens",
                     f"{r['server_ms_per_1k']:.0f} ms / 1k",
                     f"simulator {r['sim_ms_per_1k']:.0f}"
+                    + (f"; Sluice unbatched {z['server_ms_per_1k']:.0f}" if z else "")
                     + (f"; common design {c['server_ms_per_1k']:.0f}" if c else ""),
                     r["server_ms_per_1k"] <= 40,
                 )
@@ -83,11 +85,13 @@ def targets(results: dict) -> tuple[str, list[str]]:
                 continue
             ratio = r["delivered_tps"] / d["delivered_tps"]
             common = next((c for c in load["results"] if c["kind"] == "common"), None)
+            z = next((c for c in load["results"] if c["kind"] == "sluice0"), None)
             add(
                 "load 200 × 50: delivered tokens/s",
                 "≥ 0.9 × direct",
                 f"{r['delivered_tps']:.0f} ({ratio:.2f} × direct)",
                 f"direct {d['delivered_tps']:.0f}"
+                + (f"; Sluice unbatched {z['delivered_tps']:.0f}" if z else "")
                 + (f"; common design {common['delivered_tps']:.0f}" if common else ""),
                 ratio >= 0.9,
             )
@@ -96,6 +100,7 @@ def targets(results: dict) -> tuple[str, list[str]]:
                 "≤ direct + 20 ms",
                 _ms(r["ttft_p50_ms"]),
                 f"direct {_ms(d['ttft_p50_ms'])}"
+                + (f"; Sluice unbatched {_ms(z['ttft_p50_ms'])}" if z else "")
                 + (f"; common design {_ms(common['ttft_p50_ms'])}" if common else ""),
                 r["ttft_p50_ms"] <= d["ttft_p50_ms"] + 20,
             )
@@ -208,7 +213,7 @@ def main() -> int:
     from bench import cancel, disconnect, hotspots, load, memory, relay_cpu
     from bench.plot import PNG, plot
 
-    step("relay", lambda: relay_cpu.run(("sluice", "common"), args.quick))
+    step("relay", lambda: relay_cpu.run(("sluice", "sluice0", "common"), args.quick))
 
     def load_and_plot() -> dict:
         result = load.run(args.quick)

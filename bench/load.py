@@ -11,7 +11,8 @@ tokens at R = 50 tokens/s with no upstream delay, so TTFT is the relay's own
 overhead. Reported: delivered tokens/s, TTFT p50/p99, inter-token gap
 p50/p99, errors, and the CPU (cores, from /proc) used during the window by
 Sluice's workers, the simulator, Redis and the generator itself. The common
-design (bench/common_design.py) gets the 200-stream row.
+design (bench/common_design.py) and Sluice with ``RELAY_INTERVAL_MS=0`` (every
+upstream read relayed at once, no batching) get a 200-stream row each.
 
 Targets (2 workers, 200 x 50): delivered >= 0.9 x direct, TTFT p50 <= direct + 20 ms.
 
@@ -45,7 +46,12 @@ RATE = 50
 TOKENS = "100-200"
 LEVELS, QUICK_LEVELS = (50, 100, 200, 500, 1000), (50, 200)
 TARGET_N = 200
-DESIGNS = {"direct": "direct (baseline)", "sluice": "Sluice", "common": "common design"}
+DESIGNS = {
+    "direct": "direct (baseline)",
+    "sluice": "Sluice",
+    "sluice0": "Sluice, RELAY_INTERVAL_MS=0",
+    "common": "common design",
+}
 
 
 def run_load(
@@ -64,7 +70,8 @@ def run_load(
     children = []
     for i in range(procs):
         share = streams // procs + (1 if i < streams % procs else 0)
-        cmd = [sys.executable, "-m", "bench.loadgen", "--kind", kind, "--url", url]
+        gen_kind = "sluice" if kind.startswith("sluice") else kind
+        cmd = [sys.executable, "-m", "bench.loadgen", "--kind", gen_kind, "--url", url]
         cmd += ["--streams", str(share), "--rate", str(RATE), "--tokens", TOKENS]
         cmd += ["--warmup", str(warmup), "--duration", str(duration)]
         cmd += ["--start-at", f"{start_at:.3f}", "--first-stream", str(i * 100_000)]
@@ -82,6 +89,7 @@ def run_load(
         parts.append(json.loads(out))
     summary = loadgen.summarize(loadgen.merge(parts))
     summary["cpu_cores"] = {name: (cpu1[name] - cpu0[name]) / duration for name in groups}
+    summary["kind"] = kind
     return summary
 
 
@@ -115,7 +123,7 @@ def row(r: dict, direct: dict | None) -> list:
 
 def run(
     quick: bool = False,
-    kinds=("direct", "sluice", "common"),
+    kinds=("direct", "sluice", "sluice0", "common"),
     levels: tuple[int, ...] | None = None,
     duration: float | None = None,
 ) -> dict:
@@ -144,9 +152,17 @@ def run(
                 results.append(r)
                 print(f"bench.load: {kind} {n}: {json.dumps(_brief(r))}", file=sys.stderr)
                 wait_sim_idle(sim, 30)
+        if server is not None:
+            stack.release(server)
+        if "sluice0" in kinds:  # the same, relaying every upstream read at once
+            server = stack.sluice(redis_server, sim, RELAY_INTERVAL_MS="0")
+            groups = {**base, "server": server.worker_pids()}
+            r = run_load("sluice0", server.base, TARGET_N, warmup, duration, groups)
+            results.append(r)
+            print(f"bench.load: sluice0 {TARGET_N}: {json.dumps(_brief(r))}", file=sys.stderr)
+            stack.release(server)
+            wait_sim_idle(sim, 30)
         if "common" in kinds:
-            if server is not None:
-                stack.release(server)
             common = stack.common(sim)
             groups = {**base, "server": common.worker_pids()}
             r = run_load("common", common.base, TARGET_N, warmup, duration, groups)
@@ -246,7 +262,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--streams", help="comma list of concurrency levels")
     parser.add_argument("--duration", type=float)
-    parser.add_argument("--kinds", default="direct,sluice,common")
+    parser.add_argument("--kinds", default="direct,sluice,sluice0,common")
     parser.add_argument("--plot", action="store_true", help="write bench/latency.png")
     parser.add_argument("--write", action="store_true", help="append to bench/RESULTS.md")
     args = parser.parse_args()

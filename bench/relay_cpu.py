@@ -34,7 +34,11 @@ QUICK_SCENARIOS = [
     ("paced 50 tok/s", 50, 150, 50),
     ("unthrottled", 10, 1000, 0),
 ]
-DESIGNS = {"sluice": "Sluice", "common": "common design"}
+DESIGNS = {
+    "sluice": "Sluice",
+    "sluice0": "Sluice, RELAY_INTERVAL_MS=0",
+    "common": "common design",
+}
 
 
 def run_stream(kind: str, port: int, tokens: int, rate: int, results: list, index: int) -> None:
@@ -46,7 +50,7 @@ def run_stream(kind: str, port: int, tokens: int, rate: int, results: list, inde
     while chunk := resp.read1(65536):
         data += chunk
     conn.close()
-    if kind == "sluice":
+    if kind.startswith("sluice"):
         done = data[data.rindex(b"event: done") :]
         event = json.loads(done.split(b"data: ", 1)[1].split(b"\n", 1)[0])
         results[index] = (event["metadata"]["token_count"], event["reason"])
@@ -80,13 +84,17 @@ def scenario(kind: str, server, sim, streams: int, tokens: int, rate: int) -> di
     }
 
 
-def run(kinds=("sluice", "common"), quick: bool = False) -> dict:
+def run(kinds=("sluice", "sluice0", "common"), quick: bool = False) -> dict:
     rows, data = [], {}
     with Stack() as stack:
         redis_server = stack.redis()
         sim = stack.simulator("--rate", "0", "--delay", "0")
         for kind in kinds:
-            server = stack.sluice(redis_server, sim) if kind == "sluice" else stack.common(sim)
+            if kind == "common":
+                server = stack.common(sim)
+            else:
+                interval = {"sluice0": {"RELAY_INTERVAL_MS": "0"}}.get(kind, {})
+                server = stack.sluice(redis_server, sim, **interval)
             scenario(kind, server, sim, 4, 200, 0)  # warm up connections and imports
             for name, streams, tokens, rate in QUICK_SCENARIOS if quick else SCENARIOS:
                 r = scenario(kind, server, sim, streams, tokens, rate)
@@ -127,7 +135,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sluice-only", action="store_true")
     args = parser.parse_args()
-    kinds = ("sluice",) if args.sluice_only else ("sluice", "common")
+    kinds = ("sluice", "sluice0") if args.sluice_only else ("sluice", "sluice0", "common")
     result = run(kinds, args.quick)
     print(result["markdown"])
     if args.write:

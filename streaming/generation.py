@@ -97,9 +97,12 @@ class Generation:
         self.token_events = 0
         self.ttft_ms: float | None = None
         self._pending: list[str] = []
+        self._holding = False  # pending text waits for the end of a relay pause
         self._relaying = False
         self._stop: StreamStopped | None = None
         self._grace: gevent.Greenlet | None = None
+        self._upstream_open = False
+        self.last_read = time.monotonic()  # the watchdog's clock (see StreamManager)
         self.greenlet: gevent.Greenlet | None = None
         self.emit(
             "start",
@@ -126,7 +129,7 @@ class Generation:
         self._pending.append(text)
 
     def _emit_pending(self) -> None:
-        if not self._pending:
+        if not self._pending or self._holding:
             return
         text = "".join(self._pending)
         self._pending.clear()
@@ -192,11 +195,8 @@ class Generation:
             if self._stop is not None:
                 raise self._stop
             stream = self.manager.upstream.open(**self.request.upstream_params())
-            for count, text in enumerate(stream.iter_text(), 1):
-                if text:
-                    self._add_text(text)
-                if count % YIELD_EVERY == 0:
-                    gevent.sleep(0)  # a fast upstream never blocks the read: share the CPU
+            self._upstream_open = True
+            self._relay(stream)
             reason = "length" if stream.finish_reason == "length" else "stop"
         except StreamStopped as stop:
             reason, error = stop.reason, stop.error
@@ -208,9 +208,49 @@ class Generation:
             error = ("internal_error", "The generation failed.")
         finally:
             self._relaying = False
+            self._holding = False
             if stream is not None:
                 self._close_upstream(stream)
             self._finish(reason, error, stream)
+
+    def _relay(self, stream: UpstreamStream) -> None:
+        """Read the upstream network chunk by network chunk into token events.
+
+        A read that had to wait for the network is followed by a pause of
+        ``RELAY_INTERVAL_MS``; its text is held over the pause, and whatever the
+        upstream sent meanwhile is taken by the next reads in one go and leaves
+        with it as one event when the reader next waits. So a paced upstream
+        costs one wake-up and one client write per interval, not per token, and
+        no text is held longer than the interval. The first token is never held
+        (time to first token is what users feel). A read that did not wait (a
+        fast upstream) is not paused, but yields every `YIELD_EVERY` chunks so
+        that it cannot starve the other streams of its worker.
+        """
+        interval = self.manager.settings.relay_interval_ms / 1000
+        loop = get_hub().loop
+        mark = loop.now()  # the loop's clock moves only when this greenlet waited
+        for count, text in enumerate(stream.iter_text(), 1):
+            if text:
+                self._add_text(text)
+            if interval and loop.now() != mark:
+                self._holding = self.token_events > 0
+                gevent.sleep(interval)
+                self._holding = False
+                if self._pending:
+                    loop.run_callback(self._emit_pending)  # at the next wait
+            elif count % YIELD_EVERY == 0:
+                gevent.sleep(0)
+            mark = loop.now()
+            self.last_read = time.monotonic()
+
+    def upstream_silent(self) -> None:
+        """The watchdog saw no upstream byte for UPSTREAM_TIMEOUT_SECONDS."""
+        message = (
+            "The model provider went silent."
+            if self._upstream_open
+            else "The model provider did not answer."
+        )
+        self.stop(StreamStopped("error", ("upstream_timeout", message)))
 
     def _close_upstream(self, stream: UpstreamStream) -> None:
         try:

@@ -4,7 +4,10 @@ Rate limits (flask-limiter, storage: the app's own Redis pool, never memory://
 across workers): ``RATE_LIMIT_DEFAULT`` is one budget per client IP shared by
 every /api and /v1 route; ``RATE_LIMIT_STREAM`` is a second budget for starting
 generations. Refusals are 429 ``rate_limited`` with ``Retry-After`` and
-``X-RateLimit-*`` headers.
+``X-RateLimit-*`` headers. Answers that pass carry no such headers: reading
+the window for them costs two more Redis round trips (GET + TTL) per request,
+a fifth of the CPU of starting a stream; the refusal is where a client needs
+them.
 
 Redis down: the limiter falls back to per-worker in-memory counters (and
 swallows storage errors) instead of answering 500; routes that need Redis
@@ -16,13 +19,20 @@ Concurrency slots (``MAX_CONCURRENT_STREAMS``) are in `streaming.slots`.
 
 from __future__ import annotations
 
-import redis
-from flask import Flask, request
-from flask_limiter import Limiter
+import logging
+import time
 
+import redis
+from flask import Flask, Response, request
+from flask_limiter import Limiter, RateLimitExceeded
+
+from streaming import metrics
 from streaming.core import sluice
+from streaming.errors import error_response
 
 __all__ = ["default_limit", "init_limits", "limiter", "stream_limit"]
+
+logger = logging.getLogger(__name__)
 
 
 def client_ip() -> str:
@@ -31,7 +41,7 @@ def client_ip() -> str:
 
 limiter = Limiter(
     key_func=client_ip,
-    headers_enabled=True,
+    headers_enabled=False,  # on refusals only: see `_refused`
     swallow_errors=True,
     in_memory_fallback_enabled=True,
 )
@@ -49,3 +59,24 @@ def init_limits(app: Flask, redis_client: redis.Redis) -> None:
         "key_prefix": "sluice:rl",
     }
     limiter.init_app(app)
+    app.register_error_handler(RateLimitExceeded, _refused)
+
+
+def _refused(exc: RateLimitExceeded) -> Response:
+    metrics.LIMIT_REJECTIONS.labels("rate_limited").inc()
+    headers = {}
+    breached = limiter.current_limit
+    if breached is not None:
+        try:
+            reset_at, remaining = breached.reset_at, breached.remaining
+        except Exception as err:  # the window could not be read (Redis away): no hint
+            logger.debug("rate limit window unavailable: %s", err)
+        else:
+            headers = {
+                "Retry-After": str(max(1, int(reset_at - time.time()))),
+                "X-RateLimit-Limit": str(breached.limit.amount),
+                "X-RateLimit-Remaining": str(remaining),
+                "X-RateLimit-Reset": str(reset_at),
+            }
+    message = f"Rate limit exceeded ({exc.description}); retry later."
+    return error_response(429, "rate_limited", message, headers)

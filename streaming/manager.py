@@ -121,7 +121,8 @@ class StreamManager:
     def _ensure_running(self) -> None:
         if not self._loops:
             self._loops = [
-                gevent.spawn(f) for f in (self._listen, self._tick_loop, self.log.flush_loop)
+                gevent.spawn(f)
+                for f in (self._listen, self._tick_loop, self.log.flush_loop, self._watchdog)
             ]
 
     def shutdown(self, timeout: float = 5.0) -> None:
@@ -330,6 +331,17 @@ class StreamManager:
         if ids:
             flags = self.redis.mget([_key("cancel", sid) for sid in ids])
             self._stop_local([sid for sid, flag in zip(ids, flags, strict=True) if flag])
+
+    def _watchdog(self) -> None:
+        """Stop generations whose upstream sent nothing for UPSTREAM_TIMEOUT_SECONDS."""
+        timeout = self.settings.upstream_timeout_seconds
+        period = min(1.0, timeout / 10)
+        while True:
+            gevent.sleep(period)
+            deadline = time.monotonic() - timeout
+            for gen in list(self.local.values()):
+                if gen.last_read < deadline:
+                    gen.upstream_silent()
 
     def _tick_loop(self) -> None:
         while True:

@@ -40,7 +40,10 @@ class Upstream:
     """One SDK client (one connection pool) per app."""
 
     def __init__(self, base_url: str | None, api_key: str, timeout: float):
-        self.timeout = httpx2.Timeout(timeout, connect=min(timeout, 10.0))
+        # No read timeout on the socket: gevent would arm a Timeout on every wait
+        # for the next chunk (~7 % of the relay CPU). Upstream silence is caught
+        # by the manager's watchdog instead, one timer per worker.
+        self.timeout = httpx2.Timeout(timeout, connect=min(timeout, 10.0), read=None)
         self.client = openai.OpenAI(
             base_url=base_url,
             api_key=api_key,
@@ -55,14 +58,26 @@ class Upstream:
             ),
         )
 
-    def open(self, **params: Any) -> UpstreamStream:
-        """Send the request; returns once the response head arrived."""
+    def open(self, model: str, messages: list[dict[str, str]], **params: Any) -> UpstreamStream:
+        """Send the request; returns once the response head arrived.
+
+        The body goes in ``extra_body``: ``create()`` runs every typed parameter
+        through the SDK's TypedDict transform, an identity for validated text
+        messages that costs ~0.3 ms per message (1.3 ms of the ~4 ms of CPU a
+        short stream cost in all). ``messages=[]`` keeps the signature's
+        required argument; ``extra_body`` replaces it in the JSON sent.
+        """
         manager = self.client.chat.completions.with_streaming_response.create(
+            model=model,
+            messages=[],
             stream=True,
-            stream_options={"include_usage": True},
             # identity: the raw bytes are the text (iter_raw skips a decoder layer per chunk)
             extra_headers={"Accept-Encoding": "identity"},
-            **params,
+            extra_body={
+                "messages": messages,
+                "stream_options": {"include_usage": True},
+                **params,
+            },
         )
         try:
             response = manager.__enter__()

@@ -25,6 +25,7 @@ def test_defaults_match_the_contract():
     assert (s.stream_retention_seconds, s.upstream_timeout_seconds) == (300, 60)
     assert (s.max_body_bytes, s.max_prompt_chars) == (262_144, 32_000)
     assert (s.session_ttl_seconds, s.session_max_messages) == (604_800, 50)
+    assert (s.send_timeout_seconds, s.relay_interval_ms) == (30, 50)
 
 
 def test_comma_lists():
@@ -39,6 +40,8 @@ def test_comma_lists():
         ({"MAX_CONCURRENT_STREAMS": "many"}, "MAX_CONCURRENT_STREAMS"),
         ({"HEARTBEAT_SECONDS": "0"}, "HEARTBEAT_SECONDS"),
         ({"DISCONNECT_GRACE_SECONDS": "-1"}, "DISCONNECT_GRACE_SECONDS"),
+        ({"RELAY_INTERVAL_MS": "-5"}, "RELAY_INTERVAL_MS"),
+        ({"RELAY_INTERVAL_MS": "2000"}, "RELAY_INTERVAL_MS"),
         ({"RATE_LIMIT_STREAM": "lots"}, "RATE_LIMIT_STREAM"),
         ({"REDIS_URL": "http://x"}, "REDIS_URL"),
         ({"APP_ENV": "staging"}, "APP_ENV"),

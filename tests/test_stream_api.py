@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import openai
 import pytest
 
 from tests.sse_client import EventStream
@@ -49,8 +50,6 @@ def test_event_sequence_and_headers(sluice, simulator, tag):
 
 
 def test_same_text_as_the_upstream_sends(sluice, simulator, tag):
-    import openai
-
     prompt = f"determinism sim:tokens=33 sim:tag={tag}"
     direct = openai.OpenAI(base_url=simulator.v1, api_key="x", max_retries=0)
     expected = (
@@ -63,6 +62,22 @@ def test_same_text_as_the_upstream_sends(sluice, simulator, tag):
     direct.close()
     events = EventStream(sluice.base, PATH, {"prompt": prompt}).read_all()
     assert "".join(e["data"]["token"] for e in events if e["event"] == "token") == expected
+
+
+def test_a_paced_upstream_is_relayed_in_batches_with_the_same_text(make_sluice, simulator):
+    # 30 tokens at 50/s take ~600 ms; with 200 ms relay pauses they leave in a few events.
+    server = make_sluice(workers=2, RELAY_INTERVAL_MS="200")
+    prompt = "paced sim:tokens=30 sim:rate=50 sim:delay=0"
+    direct = openai.OpenAI(base_url=simulator.v1, api_key="x", max_retries=0)
+    messages = [{"role": "user", "content": prompt}]
+    expected = direct.chat.completions.create(model="gpt-4o-mini", messages=messages)
+    direct.close()
+    events = EventStream(server.base, PATH, {"prompt": prompt}).read_all()
+    tokens = [e["data"] for e in events if e["event"] == "token"]
+    assert "".join(t["token"] for t in tokens) == expected.choices[0].message.content
+    assert [t["index"] for t in tokens] == list(range(len(tokens)))
+    assert 1 <= len(tokens) <= 8, len(tokens)  # one per upstream chunk would be 30
+    assert events[-1]["data"]["metadata"]["token_count"] == 30
 
 
 def test_max_tokens_ends_with_length(sluice):
