@@ -3,7 +3,7 @@
 Runs, one at a time (a 2-core box: nothing else should run meanwhile), each
 with its own real processes on 127.0.0.1 and each bounded in time:
 
-- relay   bench/relay_cpu.py   server CPU per 1,000 relayed tokens (Sluice, Sluice unbatched, common design)
+- relay   bench/relay_cpu.py   server CPU per 1,000 relayed tokens (Sluice, unbatched, common)
 - load    bench/load.py        N streams x 50 tok/s, Sluice vs direct (+ unbatched, common at 200),
                                and the plot bench/latency.png (bench/plot.py)
 - cancel  bench/cancel.py      DELETE -> done / upstream closed, across workers and servers

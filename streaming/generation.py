@@ -6,14 +6,17 @@ is called, so the client gets ``200`` and ``start`` at once. ``run`` (its own
 greenlet, independent of any client connection) opens the upstream and reads
 it network chunk by network chunk. Text is coalesced: deltas that arrive
 without the reader blocking are joined into one ``token`` event, emitted by a
-hub callback the moment the reader blocks or yields. The reader yields at
-least every `YIELD_EVERY` chunks, so a fast upstream cannot starve the other
-streams of its worker. Events go to the in-process frame list (live
+hub callback the moment the reader blocks or yields; after a read that waited
+for the network the reader pauses ``RELAY_INTERVAL_MS`` and holds the text
+over the pause, so a paced upstream is relayed in batches (see `_relay`). The
+reader yields at least every `YIELD_EVERY` chunks, so a fast upstream cannot
+starve the other streams of its worker. Events go to the in-process frame list (live
 followers on this worker are woken directly) and, batched every 100 ms by the
 manager's flusher, to the Redis event log for followers elsewhere.
 
-Flow (any other end). Cancel, client gone past the grace window and worker
-shutdown all arrive as a `StreamStopped` thrown into the reader greenlet
+Flow (any other end). Cancel, client gone past the grace window, upstream
+silence (the manager's watchdog) and worker shutdown all arrive as a
+`StreamStopped` thrown into the reader greenlet
 (only while it relays, never into its cleanup); upstream failures arrive as
 `UpstreamError`. All of them, and the normal end, leave through the single
 ``finally`` of ``run``: close the upstream response (this is what stops the
