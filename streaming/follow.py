@@ -32,11 +32,12 @@ import errno
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 
-from gevent import get_hub
-from gevent.hub import Waiter
+from gevent import get_hub, getcurrent
+from greenlet import greenlet
 
 from streaming import metrics
 from streaming.generation import Generation
@@ -69,29 +70,34 @@ class Wake:
     """A flag one greenlet sleeps on; `set()` from any greenlet or from the hub.
 
     Lighter than ``gevent.event.Event`` for a single sleeper that re-checks its
-    condition on every wake: ``set()`` schedules one hub callback that switches
-    to the sleeper; a late callback (the sleeper woke otherwise) does nothing.
+    condition on every wake: the sleeper parks with a bare switch to the hub (no
+    `Timeout`, a shallower saved C stack), and ``set()`` schedules one hub
+    callback that switches back to it; a late callback (the sleeper woke
+    otherwise, e.g. killed) does nothing.
     """
 
-    __slots__ = ("flag", "_loop", "_waiter", "_pending")
+    __slots__ = ("flag", "_hub", "_sleeper", "_pending")
 
     def __init__(self) -> None:
         self.flag = False
-        self._loop = get_hub().loop
-        self._waiter: Waiter | None = None
+        self._hub = get_hub()
+        self._sleeper: greenlet | None = None
         self._pending = False
 
     def set(self) -> None:
         self.flag = True
-        if self._waiter is not None and not self._pending:
+        if self._sleeper is not None and not self._pending:
             self._pending = True
-            self._loop.run_callback(self._fire)
+            self._hub.loop.run_callback(self._fire)
 
-    def _fire(self) -> None:
+    def _fire(self) -> None:  # in the hub
         self._pending = False
-        waiter = self._waiter
-        if waiter is not None:
-            waiter.switch(None)
+        sleeper = self._sleeper
+        if sleeper is not None:
+            try:
+                sleeper.switch()
+            except BaseException:
+                self._hub.handle_error(sleeper, *sys.exc_info())
 
     def clear(self) -> None:
         self.flag = False
@@ -100,11 +106,11 @@ class Wake:
         """Sleep until `set()`; at once if it was set since the last `clear()`."""
         if self.flag:
             return
-        waiter = self._waiter = Waiter()
+        self._sleeper = getcurrent()
         try:
-            waiter.get()
+            self._hub.switch()
         finally:
-            self._waiter = None
+            self._sleeper = None
 
 
 class ClientWatch:
