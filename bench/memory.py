@@ -282,8 +282,11 @@ PARTS = [
         "upstream request + response (openai SDK, httpx2, httpcore2, h11), reader greenlet stack",
         ("Generation.run", "httpx2/", "httpcore2/", "h11/", "openai/", "pydantic/"),
     ),
-    ("client-socket watch greenlet stack", ("ClientWatch._watch",)),
-    ("SSE response: follower + WSGI handler greenlet stack", ("follow_local",)),
+    ("client-socket watch (greenlet stack before; now a libev watcher)", ("ClientWatch",)),
+    (
+        "SSE response: follower + WSGI handler greenlet stack",
+        ("follow_local", "LocalFollower", "Wake.wait"),
+    ),
     (
         "request parsing and stream start (gunicorn, Flask, limiter, registry)",
         ("StreamManager.start", "flask_limiter", "gunicorn/", "werkzeug/", "flask/"),
