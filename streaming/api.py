@@ -32,6 +32,9 @@ def _sse(body, stream_id: str) -> Response:
         status=200,
         content_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Stream-ID": stream_id},
+        # The body goes to gunicorn as it is (bytes only; gunicorn calls its close()):
+        # no werkzeug wrapping layers on every parked stream (~3.6 KB each).
+        direct_passthrough=True,
     )
 
 

@@ -267,7 +267,13 @@ def chat_completions() -> Response:
         return _completion(gen, frames)
     body = Body(_chunks(gen, frames, include_usage), frames.close)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Stream-ID": gen.stream_id}
-    return Response(body, status=200, content_type="text/event-stream", headers=headers)
+    return Response(
+        body,
+        status=200,
+        content_type="text/event-stream",
+        headers=headers,
+        direct_passthrough=True,  # bytes only; gunicorn closes the body (see api._sse)
+    )
 
 
 # -- models ---------------------------------------------------------------------------
