@@ -105,6 +105,7 @@ class Generation:
         self._stop: StreamStopped | None = None
         self._grace: gevent.Greenlet | None = None
         self._upstream_open = False
+        self.head_ms: float | None = None  # generation created -> upstream response head
         self.last_read = time.monotonic()  # the watchdog's clock (see StreamManager)
         self.greenlet: gevent.Greenlet | None = None
         self.emit(
@@ -198,6 +199,7 @@ class Generation:
             if self._stop is not None:
                 raise self._stop
             stream = self.manager.upstream.open(**self.request.upstream_params())
+            self.head_ms = (time.perf_counter() - self._t0) * 1000
             self._upstream_open = True
             self._relay(stream)
             reason = "length" if stream.finish_reason == "length" else "stop"
@@ -304,6 +306,7 @@ class Generation:
                 "error": error[0] if error else None,
                 "tokens": stream.deltas if stream is not None else 0,
                 "ttft_ms": round(self.ttft_ms, 1) if self.ttft_ms is not None else None,
+                "upstream_head_ms": round(self.head_ms, 1) if self.head_ms is not None else None,
                 "elapsed_ms": round((time.perf_counter() - self._t0) * 1000, 1),
                 "client": self.request.client,
                 "worker": self.manager.worker_id,

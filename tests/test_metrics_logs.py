@@ -72,7 +72,7 @@ def test_logs_are_json_lines_without_prompts(sluice):
 
     entry = wait_for(finished_line, 5, "generation log line")
     assert entry["reason"] == "stop" and entry["tokens"] == 3
-    assert {"ttft_ms", "elapsed_ms", "client", "worker"} <= set(entry)
+    assert {"ttft_ms", "upstream_head_ms", "elapsed_ms", "client", "worker"} <= set(entry)
     log = sluice.log_path.read_text()
     assert "secret plans" not in log
     assert any(
