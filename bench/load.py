@@ -12,7 +12,7 @@ overhead. Reported: delivered tokens/s, TTFT p50/p99, inter-token gap
 p50/p99, errors, and the CPU (cores, from /proc) used during the window by
 Sluice's workers, the simulator, Redis and the generator itself. The common
 design (bench/common_design.py) and Sluice with ``RELAY_INTERVAL_MS=0`` (every
-upstream read relayed at once, no batching) get a 200-stream row each.
+upstream read relayed at once, no batching) and ``=100`` get a 200-stream row each.
 
 Targets (2 workers, 200 x 50): delivered >= 0.9 x direct, TTFT p50 <= direct + 20 ms.
 
@@ -50,8 +50,10 @@ DESIGNS = {
     "direct": "direct (baseline)",
     "sluice": "Sluice",
     "sluice0": "Sluice, RELAY_INTERVAL_MS=0",
+    "sluice100": "Sluice, RELAY_INTERVAL_MS=100",
     "common": "common design",
 }
+VARIANTS = {"sluice0": "0", "sluice100": "100"}  # RELAY_INTERVAL_MS of the 200-stream variants
 
 
 def run_load(
@@ -123,7 +125,7 @@ def row(r: dict, direct: dict | None) -> list:
 
 def run(
     quick: bool = False,
-    kinds=("direct", "sluice", "sluice0", "common"),
+    kinds=("direct", "sluice", "sluice0", "sluice100", "common"),
     levels: tuple[int, ...] | None = None,
     duration: float | None = None,
 ) -> dict:
@@ -154,12 +156,14 @@ def run(
                 wait_sim_idle(sim, 30)
         if server is not None:
             stack.release(server)
-        if "sluice0" in kinds:  # the same, relaying every upstream read at once
-            server = stack.sluice(redis_server, sim, RELAY_INTERVAL_MS="0")
+        for variant, interval in VARIANTS.items():  # Sluice with other relay pauses
+            if variant not in kinds:
+                continue
+            server = stack.sluice(redis_server, sim, RELAY_INTERVAL_MS=interval)
             groups = {**base, "server": server.worker_pids()}
-            r = run_load("sluice0", server.base, TARGET_N, warmup, duration, groups)
+            r = run_load(variant, server.base, TARGET_N, warmup, duration, groups)
             results.append(r)
-            print(f"bench.load: sluice0 {TARGET_N}: {json.dumps(_brief(r))}", file=sys.stderr)
+            print(f"bench.load: {variant} {TARGET_N}: {json.dumps(_brief(r))}", file=sys.stderr)
             stack.release(server)
             wait_sim_idle(sim, 30)
         if "common" in kinds:
@@ -262,7 +266,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--streams", help="comma list of concurrency levels")
     parser.add_argument("--duration", type=float)
-    parser.add_argument("--kinds", default="direct,sluice,sluice0,common")
+    parser.add_argument("--kinds", default="direct,sluice,sluice0,sluice100,common")
     parser.add_argument("--plot", action="store_true", help="write bench/latency.png")
     parser.add_argument("--write", action="store_true", help="append to bench/RESULTS.md")
     args = parser.parse_args()
