@@ -18,8 +18,11 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import httpcore2
 import httpx2
 import openai
+
+from streaming.upstream_net import NonYieldingBackend
 
 __all__ = ["Upstream", "UpstreamError", "UpstreamStream"]
 
@@ -44,18 +47,28 @@ class Upstream:
         # for the next chunk (~7 % of the relay CPU). Upstream silence is caught
         # by the manager's watchdog instead, one timer per worker.
         self.timeout = httpx2.Timeout(timeout, connect=min(timeout, 10.0), read=None)
+        # Few idle connections: the pool probes every idle socket on each request
+        # and release (a poll per socket), which costs more than a new TCP
+        # connection once there are hundreds.
+        limits = httpx2.Limits(max_connections=None, max_keepalive_connections=20)
+        self.transport = httpx2.HTTPTransport(limits=limits)
+        # The same pool with a backend whose idle-connection checks do not yield to
+        # gevent (see streaming.upstream_net). httpx takes no backend argument, so
+        # its pool is replaced by an identical one built with the backend.
+        self.network = NonYieldingBackend()
+        self.transport._pool = httpcore2.ConnectionPool(
+            ssl_context=httpx2.create_ssl_context(),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=self.network,
+        )
         self.client = openai.OpenAI(
             base_url=base_url,
             api_key=api_key,
             max_retries=0,
             timeout=self.timeout,
-            http_client=openai.DefaultHttpxClient(
-                timeout=self.timeout,
-                # Few idle connections: the pool probes every idle socket on each
-                # request (a poll per socket), which costs more than a new TCP
-                # connection once there are hundreds.
-                limits=httpx2.Limits(max_connections=None, max_keepalive_connections=20),
-            ),
+            http_client=openai.DefaultHttpxClient(timeout=self.timeout, transport=self.transport),
         )
 
     def open(self, model: str, messages: list[dict[str, str]], **params: Any) -> UpstreamStream:
