@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.harness import wait_for
 from tests.sse_client import EventStream, request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -135,7 +136,13 @@ def test_detached_start_nobody_attaches_is_cancelled_after_grace(
     assert status == 202
     record = simulator.record(tag, timeout=10)
     assert record["state"] == "client_closed"
-    entry = redis_client.hgetall(f"sluice:stream:{out['stream_id']}")
+    # the upstream is closed first in the generation's `finally`; the registry is marked after
+    key = f"sluice:stream:{out['stream_id']}"
+    entry = wait_for(
+        lambda: (e := redis_client.hgetall(key)).get(b"state") == b"finished" and e,
+        5,
+        "the registry entry marked finished",
+    )
     assert entry[b"reason"] == b"cancelled"
 
 
