@@ -63,9 +63,6 @@ def install_error_handlers(app: Flask) -> None:
         code, message = _HTTP_CODES.get(status, ("internal_error", None))
         if status == 400 and message is None:
             message = "The request could not be understood."
-        if status == 429:
-            metrics.LIMIT_REJECTIONS.labels("rate_limited").inc()
-            message = f"Rate limit exceeded ({exc.description}); retry later."
         headers = dict(exc.get_headers()) if status == 405 else {}
         headers.pop("Content-Type", None)
         return error_response(status, code, message or exc.name, headers)
