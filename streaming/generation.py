@@ -6,13 +6,14 @@ is called, so the client gets ``200`` and ``start`` at once. ``run`` (its own
 greenlet, independent of any client connection) opens the upstream and reads
 it network chunk by network chunk. Text is coalesced: deltas that arrive
 without the reader blocking are joined into one ``token`` event, emitted by a
-hub callback the moment the reader blocks or yields; after a read that waited
-for the network the reader pauses ``RELAY_INTERVAL_MS`` and holds the text
-over the pause, so a paced upstream is relayed in batches (see `_relay`). The
-reader yields at least every `YIELD_EVERY` chunks, so a fast upstream cannot
-starve the other streams of its worker. Events go to the in-process frame list (live
-followers on this worker are woken directly) and, batched every 100 ms by the
-manager's flusher, to the Redis event log for followers elsewhere.
+hub callback the moment the reader blocks or yields; once the first token is
+out, a network read that would wait is preceded by a pause of
+``RELAY_INTERVAL_MS``, so a paced upstream is relayed in batches, one wake-up
+per batch (see `_relay`). The reader yields at least every `YIELD_EVERY`
+chunks, so a fast upstream cannot starve the other streams of its worker.
+Events go to the in-process frame list (live followers on this worker are
+woken directly) and, batched every 100 ms by the manager's flusher, to the
+Redis event log for followers elsewhere.
 
 Flow (any other end). Cancel, client gone past the grace window, upstream
 silence (the manager's watchdog) and worker shutdown all arrive as a
@@ -100,7 +101,6 @@ class Generation:
         self.token_events = 0
         self.ttft_ms: float | None = None
         self._pending: list[str] = []
-        self._holding = False  # pending text waits for the end of a relay pause
         self._relaying = False
         self._stop: StreamStopped | None = None
         self._grace: gevent.Greenlet | None = None
@@ -133,7 +133,7 @@ class Generation:
         self._pending.append(text)
 
     def _emit_pending(self) -> None:
-        if not self._pending or self._holding:
+        if not self._pending:
             return
         text = "".join(self._pending)
         self._pending.clear()
@@ -213,7 +213,6 @@ class Generation:
             error = ("internal_error", "The generation failed.")
         finally:
             self._relaying = False
-            self._holding = False
             if stream is not None:
                 self._close_upstream(stream)
             self._finish(reason, error, stream)
@@ -221,31 +220,31 @@ class Generation:
     def _relay(self, stream: UpstreamStream) -> None:
         """Read the upstream network chunk by network chunk into token events.
 
-        A read that had to wait for the network is followed by a pause of
-        ``RELAY_INTERVAL_MS``; its text is held over the pause, and whatever the
-        upstream sent meanwhile is taken by the next reads in one go and leaves
-        with it as one event when the reader next waits. So a paced upstream
-        costs one wake-up and one client write per interval, not per token, and
-        no text is held longer than the interval. The first token is never held
-        (time to first token is what users feel). A read that did not wait (a
-        fast upstream) is not paused, but yields every `YIELD_EVERY` chunks so
-        that it cannot starve the other streams of its worker.
+        Deltas read without waiting leave together as one event when the reader
+        next waits or yields. Once the first token is out (time to first token
+        is what users feel, so it is never held), a network read that would
+        wait is preceded by a pause of ``RELAY_INTERVAL_MS``: the text read so
+        far leaves as the pause begins, and what the upstream sends meanwhile
+        is taken after it in one go. So a paced upstream costs one wake-up and
+        one client write per interval, not per token; a slow one (less than a
+        token per interval) is relayed as each token comes; no text waits
+        longer than the interval. A fast upstream never waits, so it is never
+        paused, but yields every `YIELD_EVERY` chunks so that it cannot starve
+        the other streams of its worker.
         """
         interval = self.manager.settings.relay_interval_ms / 1000
-        loop = get_hub().loop
-        mark = loop.now()  # the loop's clock moves only when this greenlet waited
+        if interval:
+
+            def pause() -> None:  # before a read that would wait
+                if self.token_events:
+                    gevent.sleep(interval)
+
+            stream.pace(pause)
         for count, text in enumerate(stream.iter_text(), 1):
             if text:
                 self._add_text(text)
-            if interval and loop.now() != mark:
-                self._holding = self.token_events > 0
-                gevent.sleep(interval)
-                self._holding = False
-                if self._pending:
-                    loop.run_callback(self._emit_pending)  # at the next wait
-            elif count % YIELD_EVERY == 0:
+            if count % YIELD_EVERY == 0:
                 gevent.sleep(0)
-            mark = loop.now()
             self.last_read = time.monotonic()
 
     def upstream_silent(self) -> None:

@@ -15,14 +15,14 @@ that is an ``upstream_error`` too.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpcore2
 import httpx2
 import openai
 
-from streaming.upstream_net import NonYieldingBackend
+from streaming.upstream_net import NonYieldingBackend, PacedStream
 
 __all__ = ["Upstream", "UpstreamError", "UpstreamStream"]
 
@@ -116,6 +116,26 @@ class UpstreamStream:
         self.usage: dict[str, int] | None = None
         self.saw_done = False
         self.deltas = 0  # content deltas received
+        network = response.extensions.get("network_stream")
+        self._network = network if isinstance(network, PacedStream) else None
+
+    def pace(self, before_wait: Callable[[], None] | None) -> None:
+        """Call `before_wait` before each network read that would wait (None: stop).
+
+        The connection returns to the pool after the stream, so `close()` clears it.
+        """
+        network = self._network
+        if network is None:
+            return
+        if before_wait is None:
+            network.pace = None
+            return
+
+        def pace() -> None:
+            if not network.readable():
+                before_wait()
+
+        network.pace = pace
 
     def iter_text(self) -> Iterator[str]:
         """The text of each network read (possibly ""), as it arrives."""
@@ -167,4 +187,5 @@ class UpstreamStream:
         return "".join(pieces)
 
     def close(self) -> None:
+        self.pace(None)
         self._manager.__exit__(None, None, None)

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import select
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import httpcore2
 from gevent import monkey
 
-__all__ = ["NonYieldingBackend", "socket_readable"]
+__all__ = ["NonYieldingBackend", "PacedStream", "socket_readable"]
 
 _poll = monkey.get_original("select", "poll")
 
@@ -36,24 +37,35 @@ def socket_readable(sock: socket.socket | None) -> bool:
     return bool(poller.poll(0))
 
 
-class _Stream(httpcore2.NetworkStream):
-    """httpcore's stream, with `is_readable` answered by `socket_readable`."""
+class PacedStream(httpcore2.NetworkStream):
+    """httpcore's stream, with `is_readable` answered by `socket_readable`, and a ``pace`` hook."""
 
     def __init__(self, stream: httpcore2.NetworkStream):
         self._stream = stream
-        # the hot path (every read) goes straight to the wrapped stream
-        self.read = stream.read  # type: ignore[method-assign]
+        self._read = stream.read
         self.write = stream.write  # type: ignore[method-assign]
+        self._sock = stream.get_extra_info("socket")
+        self.pace: Callable[[], None] | None = None  # called before each read while set
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if self.pace is not None:
+            self.pace()
+        return self._read(max_bytes, timeout)
+
+    def readable(self) -> bool:
+        """Would a read return at once? (TLS: decrypted bytes may be buffered already.)"""
+        pending = getattr(self._sock, "pending", None)
+        return (pending is not None and pending() > 0) or socket_readable(self._sock)
 
     def close(self) -> None:
         self._stream.close()
 
     def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout=None):
-        return _Stream(self._stream.start_tls(ssl_context, server_hostname, timeout))
+        return PacedStream(self._stream.start_tls(ssl_context, server_hostname, timeout))
 
     def get_extra_info(self, info: str) -> Any:
         if info == "is_readable":
-            return socket_readable(self._stream.get_extra_info("socket"))
+            return socket_readable(self._sock)
         return self._stream.get_extra_info(info)
 
 
@@ -63,12 +75,12 @@ class NonYieldingBackend(httpcore2.NetworkBackend):
         self.connections = 0  # opened so far (pooled ones are reused, not counted again)
 
     def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore2.NetworkStream:
-        stream = _Stream(self._backend.connect_tcp(*args, **kwargs))
+        stream = PacedStream(self._backend.connect_tcp(*args, **kwargs))
         self.connections += 1
         return stream
 
     def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore2.NetworkStream:
-        stream = _Stream(self._backend.connect_unix_socket(*args, **kwargs))
+        stream = PacedStream(self._backend.connect_unix_socket(*args, **kwargs))
         self.connections += 1
         return stream
 

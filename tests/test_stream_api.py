@@ -80,6 +80,17 @@ def test_a_paced_upstream_is_relayed_in_batches_with_the_same_text(make_sluice, 
     assert events[-1]["data"]["metadata"]["token_count"] == 30
 
 
+def test_an_upstream_slower_than_the_interval_is_relayed_token_by_token(make_sluice):
+    # 2 tokens/s: each token comes 500 ms after the last, well past the 100 ms pause,
+    # so each leaves on its own instead of waiting for company.
+    server = make_sluice(workers=2, RELAY_INTERVAL_MS="100")
+    prompt = "slow sim:tokens=4 sim:rate=2 sim:delay=0"
+    events = EventStream(server.base, PATH, {"prompt": prompt}).read_all()
+    tokens = [e["data"] for e in events if e["event"] == "token"]
+    assert len(tokens) == 4, tokens
+    assert events[-1]["data"]["metadata"]["token_count"] == 4
+
+
 def test_max_tokens_ends_with_length(sluice):
     events = EventStream(
         sluice.base, PATH, {"prompt": "x sim:tokens=50", "max_tokens": 5}
