@@ -57,6 +57,24 @@ CANCEL_WAIT_MAX = 15.0
 _ID_CHARS = frozenset("0123456789abcdef")
 
 
+# Admission, one round trip: a concurrency slot, the session's lease (when the
+# stream continues a session) and the registry entry, all or nothing.
+# KEYS: slots, registry entry, session lease ("" for none).
+# ARGV: now, slot expiry, slot limit, stream id, slots key TTL, LIVE_TTL, field, value, ...
+# Returns 1 (admitted), 0 (no free slot) or -1 (the session is generating already).
+_ADMIT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+if KEYS[3] ~= '' and not redis.call('SET', KEYS[3], ARGV[4], 'NX', 'EX', ARGV[6]) then
+  return -1
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('HSET', KEYS[2], unpack(ARGV, 7))
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+return 1
+"""
+
 _REGISTER_MISSING = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
@@ -105,6 +123,7 @@ class StreamManager:
         self.redis = redis_client
         self.settings = settings
         self.upstream = upstream
+        self._admit = redis_client.register_script(_ADMIT)
         self._register_missing = redis_client.register_script(_REGISTER_MISSING)
         self.slots = Slots(redis_client, settings.max_concurrent_streams, LIVE_TTL)
         self.sessions = SessionStore(
@@ -138,40 +157,32 @@ class StreamManager:
     # -- starting and finishing -------------------------------------------------------
 
     def start(self, request: GenerationRequest) -> Generation:
-        """Take a slot, register the stream (RedisError here means 503), start its reader."""
+        """Admit the stream (slot, session lease, registry entry: one Redis round trip;
+        RedisError here means 503), then start its reader."""
         self._ensure_running()
-        if not self.slots.acquire(request.client, request.stream_id):
+        now = time.time()
+        slots = self.slots
+        session_key = self.sessions.live_key(request.session_id) if request.session_id else ""
+        fields = self._fields(request, now)
+        args = [now, now + slots.lease, slots.limit, request.stream_id, slots.lease * 2, LIVE_TTL]
+        args += [item for pair in fields.items() for item in pair]
+        keys = [slots.key(request.client), _key("stream", request.stream_id), session_key]
+        admitted = self._admit(keys=keys, args=args)
+        if admitted == 0:
             raise ApiError(
                 429,
                 "too_many_streams",
-                f"At most {self.slots.limit} live streams per client; wait for one to end.",
+                f"At most {slots.limit} live streams per client; wait for one to end.",
             )
-        if request.session_id and not self.sessions.claim(
-            request.session_id, request.stream_id, LIVE_TTL
-        ):
-            self._release_quietly(request)
+        if admitted == -1:
             raise ApiError(409, "session_busy", "This session is already generating an answer.")
-        pipe = self.redis.pipeline(transaction=False)
-        self._register(pipe, request, time.time())
-        try:
-            pipe.execute()
-        except redis.RedisError:
-            self._release_quietly(request)
-            raise
         gen = Generation(self, request)
         self.local[request.stream_id] = gen
         gen.greenlet = gevent.spawn(gen.run)
         return gen
 
-    def _register(
-        self,
-        pipe: redis.client.Pipeline,
-        request: GenerationRequest,
-        created: float,
-        only_if_missing: bool = False,
-    ):
-        key = _key("stream", request.stream_id)
-        fields = {
+    def _fields(self, request: GenerationRequest, created: float) -> dict[str, str]:
+        return {
             "owner": request.owner,
             "client": request.client,
             "worker": self.worker_id,
@@ -180,22 +191,12 @@ class StreamManager:
             "model": request.model,
             "session_id": request.session_id or "",
         }
-        if only_if_missing:  # never resurrect an entry its generation just marked finished
-            args = [LIVE_TTL, *(item for pair in fields.items() for item in pair)]
-            self._register_missing(keys=[key], args=args, client=pipe)
-            return
-        pipe.hset(key, mapping=fields)
-        pipe.expire(key, LIVE_TTL)
 
-    def _release_quietly(self, request: GenerationRequest) -> None:
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            self.slots.release(pipe, request.client, request.stream_id)
-            if request.session_id:
-                pipe.delete(f"sluice:session:{request.session_id}:live")
-            pipe.execute()
-        except redis.RedisError:
-            pass  # the lease expires by itself
+    def _register_if_missing(self, pipe: redis.client.Pipeline, gen: Generation) -> None:
+        # never resurrects an entry its generation just marked finished
+        fields = self._fields(gen.request, gen.created)
+        args = [LIVE_TTL, *(item for pair in fields.items() for item in pair)]
+        self._register_missing(keys=[_key("stream", gen.stream_id)], args=args, client=pipe)
 
     def finished(self, gen: Generation, error_code: str | None) -> None:
         """Called once from a generation's `finally`, after its `done` event."""
@@ -298,7 +299,7 @@ class StreamManager:
         pipe.expire(_key("stream", stream_id), retention)
         pipe.zrem(f"sluice:slots:{info.get('client', '')}", stream_id)
         if info.get("session_id"):
-            pipe.delete(f"sluice:session:{info['session_id']}:live")
+            pipe.delete(self.sessions.live_key(info["session_id"]))
         pipe.execute()
 
     def _stop_local(self, stream_ids: Iterator[str] | list[str]) -> None:
@@ -379,7 +380,7 @@ class StreamManager:
             if flagged:
                 cancelled.append(gen.stream_id)
             if not alive and not gen.done:
-                self._register(lost, gen.request, gen.created, only_if_missing=True)
+                self._register_if_missing(lost, gen)
         for gen in gens:
             if gen.done:  # ended while we renewed: do not leave its leases behind
                 self.slots.release(lost, gen.request.client, gen.stream_id)

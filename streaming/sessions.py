@@ -104,8 +104,10 @@ class SessionStore:
 
     # -- one live stream per session -------------------------------------------------
 
-    def claim(self, session_id: str, stream_id: str, lease: int) -> bool:
-        return bool(self.redis.set(_key(session_id, ":live"), stream_id, nx=True, ex=lease))
+    @staticmethod
+    def live_key(session_id: str) -> str:
+        """The session's lease: the stream generating in it (taken by the manager's admission)."""
+        return _key(session_id, ":live")
 
     def renew(self, pipe: redis.client.Pipeline, session_id: str, stream_id: str, lease: int):
         pipe.set(_key(session_id, ":live"), stream_id, ex=lease)  # SET: survives a Redis restart

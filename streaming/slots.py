@@ -2,7 +2,8 @@
 
 A sorted set ``sluice:slots:<client>`` per client (IP, or key in authenticated
 mode), member = stream id, score = lease expiry. A slot is taken atomically
-(Lua) before a stream starts, renewed by the owning worker's tick, and
+before a stream starts, by the admission script of `streaming.manager` (slot,
+session lease and registry entry in one round trip), renewed by the owning worker's tick, and
 released in the generation's ``finally``; a killed worker's leases simply
 expire, so slots never leak. Counted in Redis: every worker and host agrees.
 """
@@ -15,16 +16,6 @@ import redis
 
 __all__ = ["Slots"]
 
-_ACQUIRE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
-  return 0
-end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-return 1
-"""
-
 
 class Slots:
     """Leases on live generations per client, shared by every worker and host."""
@@ -33,16 +24,10 @@ class Slots:
         self.redis = redis_client
         self.limit = limit
         self.lease = lease_seconds
-        self._acquire = redis_client.register_script(_ACQUIRE)
 
     @staticmethod
     def key(client: str) -> str:
         return f"sluice:slots:{client}"
-
-    def acquire(self, client: str, stream_id: str) -> bool:
-        now = time.time()
-        args = [now, now + self.lease, self.limit, stream_id, self.lease * 2]
-        return bool(self._acquire(keys=[self.key(client)], args=args))
 
     def renew(self, pipe: redis.client.Pipeline, client: str, stream_id: str) -> None:
         # plain ZADD: after a Redis restart the lease is taken again
