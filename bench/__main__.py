@@ -3,8 +3,8 @@
 Runs, one at a time (a 2-core box: nothing else should run meanwhile), each
 with its own real processes on 127.0.0.1 and each bounded in time:
 
-- relay   bench/relay_cpu.py   server CPU per 1,000 relayed tokens (Sluice, unbatched, common)
-- load    bench/load.py        N streams x 50 tok/s, Sluice vs direct (+ unbatched, common at 200),
+- relay   bench/relay_cpu.py   server CPU per 1,000 relayed tokens (Sluice at 100/0/50 ms, common)
+- load    bench/load.py        N streams x 50 tok/s, Sluice vs direct (+ 0/50 ms, common at 200),
                                and the plot bench/latency.png (bench/plot.py)
 - cancel  bench/cancel.py      DELETE -> done / upstream closed, across workers and servers
 - disconnect bench/disconnect.py  client gone -> upstream closed (chatty, silent upstream)
@@ -213,7 +213,7 @@ def main() -> int:
     from bench import cancel, disconnect, hotspots, load, memory, relay_cpu
     from bench.plot import PNG, plot
 
-    step("relay", lambda: relay_cpu.run(("sluice", "sluice0", "common"), args.quick))
+    step("relay", lambda: relay_cpu.run(quick=args.quick))
 
     def load_and_plot() -> dict:
         result = load.run(args.quick)

@@ -12,7 +12,7 @@ overhead. Reported: delivered tokens/s, TTFT p50/p99, inter-token gap
 p50/p99, errors, and the CPU (cores, from /proc) used during the window by
 Sluice's workers, the simulator, Redis and the generator itself. The common
 design (bench/common_design.py) and Sluice with ``RELAY_INTERVAL_MS=0`` (every
-upstream read relayed at once, no batching) and ``=100`` get a 200-stream row each.
+upstream read relayed at once, no batching) and ``=50`` get a 200-stream row each.
 
 Targets (2 workers, 200 x 50): delivered >= 0.9 x direct, TTFT p50 <= direct + 20 ms.
 
@@ -50,10 +50,10 @@ DESIGNS = {
     "direct": "direct (baseline)",
     "sluice": "Sluice",
     "sluice0": "Sluice, RELAY_INTERVAL_MS=0",
-    "sluice100": "Sluice, RELAY_INTERVAL_MS=100",
+    "sluice50": "Sluice, RELAY_INTERVAL_MS=50",
     "common": "common design",
 }
-VARIANTS = {"sluice0": "0", "sluice100": "100"}  # RELAY_INTERVAL_MS of the 200-stream variants
+VARIANTS = {"sluice0": "0", "sluice50": "50"}  # RELAY_INTERVAL_MS of the 200-stream variants
 
 
 def run_load(
@@ -125,7 +125,7 @@ def row(r: dict, direct: dict | None) -> list:
 
 def run(
     quick: bool = False,
-    kinds=("direct", "sluice", "sluice0", "sluice100", "common"),
+    kinds=("direct", "sluice", "sluice0", "sluice50", "common"),
     levels: tuple[int, ...] | None = None,
     duration: float | None = None,
 ) -> dict:
@@ -266,7 +266,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--streams", help="comma list of concurrency levels")
     parser.add_argument("--duration", type=float)
-    parser.add_argument("--kinds", default="direct,sluice,sluice0,sluice100,common")
+    parser.add_argument("--kinds", default="direct,sluice,sluice0,sluice50,common")
     parser.add_argument("--plot", action="store_true", help="write bench/latency.png")
     parser.add_argument("--write", action="store_true", help="append to bench/RESULTS.md")
     args = parser.parse_args()

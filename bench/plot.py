@@ -17,7 +17,7 @@ STYLE = {
     "direct": ("direct to the simulator (baseline)", "tab:gray", "o"),
     "sluice": ("Sluice (2 gevent workers)", "tab:blue", "s"),
     "sluice0": ("Sluice, RELAY_INTERVAL_MS=0", "tab:cyan", "x"),
-    "sluice100": ("Sluice, RELAY_INTERVAL_MS=100", "tab:green", "+"),
+    "sluice50": ("Sluice, RELAY_INTERVAL_MS=50", "tab:green", "+"),
     "common": ("common design (2 gevent workers)", "tab:red", "^"),
 }
 

@@ -34,9 +34,11 @@ QUICK_SCENARIOS = [
     ("paced 50 tok/s", 50, 150, 50),
     ("unthrottled", 10, 1000, 0),
 ]
+VARIANTS = {"sluice0": {"RELAY_INTERVAL_MS": "0"}, "sluice50": {"RELAY_INTERVAL_MS": "50"}}
 DESIGNS = {
     "sluice": "Sluice",
     "sluice0": "Sluice, RELAY_INTERVAL_MS=0",
+    "sluice50": "Sluice, RELAY_INTERVAL_MS=50",
     "common": "common design",
 }
 
@@ -84,7 +86,7 @@ def scenario(kind: str, server, sim, streams: int, tokens: int, rate: int) -> di
     }
 
 
-def run(kinds=("sluice", "sluice0", "common"), quick: bool = False) -> dict:
+def run(kinds=("sluice", "sluice0", "sluice50", "common"), quick: bool = False) -> dict:
     rows, data = [], {}
     with Stack() as stack:
         redis_server = stack.redis()
@@ -93,7 +95,7 @@ def run(kinds=("sluice", "sluice0", "common"), quick: bool = False) -> dict:
             if kind == "common":
                 server = stack.common(sim)
             else:
-                interval = {"sluice0": {"RELAY_INTERVAL_MS": "0"}}.get(kind, {})
+                interval = VARIANTS.get(kind, {})
                 server = stack.sluice(redis_server, sim, **interval)
             scenario(kind, server, sim, 4, 200, 0)  # warm up connections and imports
             for name, streams, tokens, rate in QUICK_SCENARIOS if quick else SCENARIOS:
@@ -135,7 +137,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sluice-only", action="store_true")
     args = parser.parse_args()
-    kinds = ("sluice", "sluice0") if args.sluice_only else ("sluice", "sluice0", "common")
+    kinds = ("sluice", "sluice0", "sluice50")
+    kinds = kinds if args.sluice_only else (*kinds, "common")
     result = run(kinds, args.quick)
     print(result["markdown"])
     if args.write:

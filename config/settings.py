@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     stream_retention_seconds: int = Field(300, ge=1, le=7 * 86400)
     upstream_timeout_seconds: float = Field(60.0, gt=0, le=3600)
     send_timeout_seconds: float = Field(30.0, gt=0, le=3600)
-    relay_interval_ms: int = Field(50, ge=0, le=1000)
+    relay_interval_ms: int = Field(100, ge=0, le=1000)
     max_body_bytes: int = Field(262_144, ge=1024, le=64 * 1024 * 1024)
     max_prompt_chars: int = Field(32_000, ge=1, le=10_000_000)
     session_ttl_seconds: int = Field(604_800, ge=60)

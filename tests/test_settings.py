@@ -25,7 +25,7 @@ def test_defaults_match_the_contract():
     assert (s.stream_retention_seconds, s.upstream_timeout_seconds) == (300, 60)
     assert (s.max_body_bytes, s.max_prompt_chars) == (262_144, 32_000)
     assert (s.session_ttl_seconds, s.session_max_messages) == (604_800, 50)
-    assert (s.send_timeout_seconds, s.relay_interval_ms) == (30, 50)
+    assert (s.send_timeout_seconds, s.relay_interval_ms) == (30, 100)
 
 
 def test_comma_lists():
