@@ -125,7 +125,7 @@ class StreamManager:
         self.upstream = upstream
         self._admit = redis_client.register_script(_ADMIT)
         self._register_missing = redis_client.register_script(_REGISTER_MISSING)
-        self.slots = Slots(redis_client, settings.max_concurrent_streams, LIVE_TTL)
+        self.slots = Slots(settings.max_concurrent_streams, LIVE_TTL)
         self.sessions = SessionStore(
             redis_client, settings.session_ttl_seconds, settings.session_max_messages
         )
@@ -297,7 +297,7 @@ class StreamManager:
             mapping={"state": "finished", "reason": "error", "error": "worker_lost"},
         )
         pipe.expire(_key("stream", stream_id), retention)
-        pipe.zrem(f"sluice:slots:{info.get('client', '')}", stream_id)
+        self.slots.release(pipe, info.get("client", ""), stream_id)
         if info.get("session_id"):
             pipe.delete(self.sessions.live_key(info["session_id"]))
         pipe.execute()

@@ -110,7 +110,7 @@ class SessionStore:
         return _key(session_id, ":live")
 
     def renew(self, pipe: redis.client.Pipeline, session_id: str, stream_id: str, lease: int):
-        pipe.set(_key(session_id, ":live"), stream_id, ex=lease)  # SET: survives a Redis restart
+        pipe.set(self.live_key(session_id), stream_id, ex=lease)  # SET: survives a Redis restart
 
     def save_turn(
         self,
@@ -132,11 +132,11 @@ class SessionStore:
         pipe.ltrim(key, -self.max_messages, -1)
         pipe.expire(key, self.ttl)
         pipe.expire(_key(session_id), self.ttl)
-        pipe.delete(_key(session_id, ":live"))
+        pipe.delete(self.live_key(session_id))
 
     def release_if_held(self, pipe: redis.client.Pipeline, session_id: str, stream_id: str):
         """Drop the live marker only if this stream still holds it."""
-        self._release_if_held(keys=[_key(session_id, ":live")], args=[stream_id], client=pipe)
+        self._release_if_held(keys=[self.live_key(session_id)], args=[stream_id], client=pipe)
 
     def _touch(self, session_id: str) -> None:
         pipe = self.redis.pipeline(transaction=False)

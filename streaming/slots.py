@@ -3,8 +3,8 @@
 A sorted set ``sluice:slots:<client>`` per client (IP, or key in authenticated
 mode), member = stream id, score = lease expiry. A slot is taken atomically
 before a stream starts, by the admission script of `streaming.manager` (slot,
-session lease and registry entry in one round trip), renewed by the owning worker's tick, and
-released in the generation's ``finally``; a killed worker's leases simply
+session lease and registry entry in one round trip), renewed by the owning
+worker's tick, and released in the generation's ``finally``; a killed worker's leases simply
 expire, so slots never leak. Counted in Redis: every worker and host agrees.
 """
 
@@ -20,8 +20,7 @@ __all__ = ["Slots"]
 class Slots:
     """Leases on live generations per client, shared by every worker and host."""
 
-    def __init__(self, redis_client: redis.Redis, limit: int, lease_seconds: int):
-        self.redis = redis_client
+    def __init__(self, limit: int, lease_seconds: int):
         self.limit = limit
         self.lease = lease_seconds
 

@@ -124,18 +124,8 @@ class UpstreamStream:
 
         The connection returns to the pool after the stream, so `close()` clears it.
         """
-        network = self._network
-        if network is None:
-            return
-        if before_wait is None:
-            network.pace = None
-            return
-
-        def pace() -> None:
-            if not network.readable():
-                before_wait()
-
-        network.pace = pace
+        if self._network is not None:
+            self._network.pace = before_wait
 
     def iter_text(self) -> Iterator[str]:
         """The text of each network read (possibly ""), as it arrives."""

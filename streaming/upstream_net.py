@@ -10,6 +10,11 @@ that was hundreds of milliseconds before a new stream's request was even sent
 The check here uses the operating system's ``poll`` (never patched: a zero
 timeout never blocks), so it costs one system call and no trip through the
 loop. Everything else is httpcore's `SyncBackend`, unchanged.
+
+Each connection's stream also takes an optional ``pace`` callback, called
+before a network read that would wait while it is set: the relay pauses there
+(see `streaming.generation`). It reaches the relay as httpcore's
+``network_stream`` response extension.
 """
 
 from __future__ import annotations
@@ -45,16 +50,17 @@ class PacedStream(httpcore2.NetworkStream):
         self._read = stream.read
         self.write = stream.write  # type: ignore[method-assign]
         self._sock = stream.get_extra_info("socket")
-        self.pace: Callable[[], None] | None = None  # called before each read while set
+        self._tls_pending = getattr(self._sock, "pending", None)  # TLS: decrypted, unread bytes
+        self.pace: Callable[[], None] | None = None  # called before a read that would wait
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        if self.pace is not None:
+        if self.pace is not None and not self.readable():
             self.pace()
         return self._read(max_bytes, timeout)
 
     def readable(self) -> bool:
-        """Would a read return at once? (TLS: decrypted bytes may be buffered already.)"""
-        pending = getattr(self._sock, "pending", None)
+        """Would a read return at once?"""
+        pending = self._tls_pending
         return (pending is not None and pending() > 0) or socket_readable(self._sock)
 
     def close(self) -> None:
