@@ -33,7 +33,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from http.client import responses
-from socket import MSG_PEEK, SHUT_WR
+from socket import IPPROTO_TCP, MSG_PEEK, SHUT_WR, TCP_NODELAY
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -174,6 +174,10 @@ class Simulator:
         self.server.stop(timeout=timeout)
 
     def _handle(self, sock: Any, _address: Any) -> None:
+        # Like a real API server: each event leaves when written. Without it Nagle's
+        # algorithm holds a token written right after the head until the client's
+        # delayed ACK (~40 ms on a kept-alive connection).
+        sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
         buf = bytearray()
         try:
             while (req := self._read_request(sock, buf)) and self._dispatch(sock, *req):
