@@ -15,6 +15,7 @@ that is an ``upstream_error`` too.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,9 +23,11 @@ import httpcore2
 import httpx2
 import openai
 
-from streaming.upstream_net import NonYieldingBackend, PacedStream
+from streaming.upstream_net import ChunkedBody, NonYieldingBackend, PacedStream
 
 __all__ = ["Upstream", "UpstreamError", "UpstreamStream"]
+
+logger = logging.getLogger(__name__)
 
 
 class UpstreamError(Exception):
@@ -116,8 +119,20 @@ class UpstreamStream:
         self.usage: dict[str, int] | None = None
         self.saw_done = False
         self.deltas = 0  # content deltas received
+        self._failed: str | None = None  # why the stream is unusable (a bad or error chunk)
         network = response.extensions.get("network_stream")
         self._network = network if isinstance(network, PacedStream) else None
+        # A chunked, unencoded body is read past h11 (see streaming.upstream_net).
+        self._body: ChunkedBody | None = None
+        headers = response.headers
+        if (
+            self._network is not None
+            and self._network.head is not None
+            and response.http_version == "HTTP/1.1"
+            and headers.get("transfer-encoding", "").lower() == "chunked"
+            and headers.get("content-encoding", "identity").lower() == "identity"
+        ):
+            self._body = ChunkedBody(self._network)
 
     def pace(self, before_wait: Callable[[], None] | None) -> None:
         """Call `before_wait` before each network read that would wait (None: stop).
@@ -130,25 +145,53 @@ class UpstreamStream:
     def iter_text(self) -> Iterator[str]:
         """The text of each network read (possibly ""), as it arrives."""
         tail = b""
+        # Otherwise the transport's byte stream, not iter_raw(): two generator
+        # layers less per chunk (httpx2 still maps transport errors to its own).
+        body = self._body if self._body is not None else self._response.stream
         try:
-            # The transport's byte stream, not iter_raw(): two generator layers
-            # less per chunk (httpx2 still maps transport errors to its own).
-            for raw in self._response.stream:
+            for raw in body:
                 lines = (tail + raw).split(b"\n") if tail else raw.split(b"\n")
                 tail = lines.pop()
                 yield self._parse(lines)
+                if self._failed:
+                    raise UpstreamError("upstream_error", self._failed)
             if tail:
                 yield self._parse([tail])
-        except httpx2.TimeoutException:
+                if self._failed:
+                    raise UpstreamError("upstream_error", self._failed)
+        except (httpx2.TimeoutException, httpcore2.TimeoutException):
             raise UpstreamError("upstream_timeout", "The model provider went silent.") from None
-        except (httpx2.TransportError, httpx2.StreamError):
+        except (
+            httpx2.TransportError,
+            httpx2.StreamError,
+            httpcore2.NetworkError,
+            httpcore2.ProtocolError,
+        ):
             raise UpstreamError(
                 "upstream_error", "The model provider dropped the stream."
             ) from None
+        if self._body is not None:
+            self._hand_back(self._body)
         if self.finish_reason is None and not self.saw_done:
             raise UpstreamError("upstream_error", "The model provider's stream was cut off.")
 
+    def _hand_back(self, body: ChunkedBody) -> None:
+        """Let httpcore finish the message it parsed the head of, so the connection is pooled."""
+        completion = body.completion()
+        if completion is None or self._network is None:
+            return  # close() closes the connection instead
+        self._network.replay(completion)
+        try:
+            for _ in self._response.stream:
+                pass
+        except Exception:  # its parser disagreed: the connection is closed, not reused
+            logger.debug("upstream connection not reusable", exc_info=True)
+
     def _parse(self, lines: list[bytes]) -> str:
+        """The text of these lines. A bad or error chunk stops here (see `_failed`).
+
+        The text before it is still returned: one network read can hold it and the bad chunk.
+        """
         pieces = []
         for line in lines:
             if not line.startswith(b"data:"):
@@ -160,7 +203,8 @@ class UpstreamStream:
             try:
                 chunk = json.loads(payload)
                 if "error" in chunk:
-                    raise UpstreamError("upstream_error", "The model provider reported an error.")
+                    self._failed = "The model provider reported an error."
+                    break
                 for choice in chunk.get("choices") or ():
                     text = (choice.get("delta") or {}).get("content")
                     if text:
@@ -171,9 +215,8 @@ class UpstreamStream:
                 if chunk.get("usage"):
                     self.usage = chunk["usage"]
             except (ValueError, TypeError, AttributeError, KeyError):
-                raise UpstreamError(
-                    "upstream_error", "The model provider sent a bad chunk."
-                ) from None
+                self._failed = "The model provider sent a bad chunk."
+                break
         return "".join(pieces)
 
     def close(self) -> None:
