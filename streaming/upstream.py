@@ -125,9 +125,10 @@ class UpstreamStream:
         # A chunked, unencoded body is read past h11 (see streaming.upstream_net).
         self._body: ChunkedBody | None = None
         headers = response.headers
+        head = self._network.head if self._network is not None else None
         if (
-            self._network is not None
-            and self._network.head is not None
+            head is not None
+            and head[9:12] == b"%d" % response.status_code  # this response's head (not a 1xx)
             and response.http_version == "HTTP/1.1"
             and headers.get("transfer-encoding", "").lower() == "chunked"
             and headers.get("content-encoding", "identity").lower() == "identity"
