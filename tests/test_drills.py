@@ -81,6 +81,7 @@ def test_redis_down_at_startup_then_back_without_a_restart(own_redis, own_sluice
 
     stream = wait_for(started, 10, "a stream starts")
     stream.until("token")
+
     # the cancel listeners reconnected: a DELETE cancels, whichever worker takes it
     def deleted():
         status, _, body = request(server.base, "DELETE", f"{PATH}/{stream.stream_id}")
