@@ -192,17 +192,29 @@ class UpstreamStream:
         """The text of these lines. A bad or error chunk stops here (see `_failed`).
 
         The text before it is still returned: one network read can hold it and the bad chunk.
+        The chunks of one read are JSON-decoded in one call (a few µs less per chunk); if
+        that fails, one by one, to find the bad one.
         """
-        pieces = []
+        payloads = []
         for line in lines:
             if not line.startswith(b"data:"):
                 continue  # blank separators, comments, event: lines
             payload = line[5:].strip()
             if payload == b"[DONE]":
                 self.saw_done = True
-                continue
-            try:
-                chunk = json.loads(payload)
+            else:
+                payloads.append(payload)
+        if not payloads:
+            return ""
+        try:
+            chunks = json.loads(b"[%b]" % b",".join(payloads))
+            if len(chunks) != len(payloads):  # a line held more than one value
+                raise ValueError
+        except ValueError:
+            chunks = self._one_by_one(payloads)
+        pieces: list[str] = []
+        try:
+            for chunk in chunks:
                 if "error" in chunk:
                     self._failed = "The model provider reported an error."
                     break
@@ -215,10 +227,20 @@ class UpstreamStream:
                         self.finish_reason = choice["finish_reason"]
                 if chunk.get("usage"):
                     self.usage = chunk["usage"]
-            except (ValueError, TypeError, AttributeError, KeyError):
+        except (TypeError, AttributeError, KeyError):
+            self._failed = "The model provider sent a bad chunk."
+        return "".join(pieces)
+
+    def _one_by_one(self, payloads: list[bytes]) -> list[Any]:
+        """The chunks before the first one that is not JSON (and mark the stream failed)."""
+        chunks = []
+        for payload in payloads:
+            try:
+                chunks.append(json.loads(payload))
+            except ValueError:
                 self._failed = "The model provider sent a bad chunk."
                 break
-        return "".join(pieces)
+        return chunks
 
     def close(self) -> None:
         self.pace(None)

@@ -79,3 +79,25 @@ def test_an_error_object_in_the_stream():
     s = stream_of(chunk("a"), b'data: {"error": {"message": "overloaded"}}\n\n')
     with pytest.raises(UpstreamError):
         list(s.iter_text())
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (b"data: {not json\n\n", "The model provider sent a bad chunk."),
+        (
+            b'data: {"error": {"message": "overloaded"}}\n\n',
+            "The model provider reported an error.",
+        ),
+        (b"data: [1, 2]\n\n", "The model provider sent a bad chunk."),
+        (b"data: 1, 2\n\n", "The model provider sent a bad chunk."),
+    ],
+)
+def test_text_before_a_bad_chunk_in_the_same_read_is_kept(bad, message):
+    s = stream_of(chunk("Hel") + chunk("lo") + bad + chunk("never"))
+    texts = s.iter_text()
+    assert next(texts) == "Hello"
+    with pytest.raises(UpstreamError) as err:
+        next(texts)
+    assert (err.value.code, err.value.message) == ("upstream_error", message)
+    assert s.deltas == 2
