@@ -14,6 +14,7 @@ that is an ``upstream_error`` too.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -150,14 +151,11 @@ class UpstreamStream:
         # layers less per chunk (httpx2 still maps transport errors to its own).
         body = self._body if self._body is not None else self._response.stream
         try:
-            for raw in body:
+            # A final newline ends a last line that has none.
+            for raw in itertools.chain(body, (b"\n",)):
                 lines = (tail + raw).split(b"\n") if tail else raw.split(b"\n")
                 tail = lines.pop()
                 yield self._parse(lines)
-                if self._failed:
-                    raise UpstreamError("upstream_error", self._failed)
-            if tail:
-                yield self._parse([tail])
                 if self._failed:
                     raise UpstreamError("upstream_error", self._failed)
         except (httpx2.TimeoutException, httpcore2.TimeoutException):
@@ -171,17 +169,13 @@ class UpstreamStream:
             raise UpstreamError(
                 "upstream_error", "The model provider dropped the stream."
             ) from None
-        if self._body is not None:
-            self._hand_back(self._body)
+        if self._body is not None and self._body.release():
+            self._drain()
         if self.finish_reason is None and not self.saw_done:
             raise UpstreamError("upstream_error", "The model provider's stream was cut off.")
 
-    def _hand_back(self, body: ChunkedBody) -> None:
+    def _drain(self) -> None:
         """Let httpcore finish the message it parsed the head of, so the connection is pooled."""
-        completion = body.completion()
-        if completion is None or self._network is None:
-            return  # close() closes the connection instead
-        self._network.replay(completion)
         try:
             for _ in self._response.stream:
                 pass

@@ -20,7 +20,7 @@ A chunked response body can also be read straight off the connection with
 `ChunkedBody`, past h11: h11 and httpcore's layers cost ~5 µs per chunk, more
 than the rest of the relay's work on it. The connection remains httpcore's:
 when the body ended cleanly, httpcore's parser is given exactly the bytes it
-still needs to reach the end of the message (see `ChunkedBody.completion`),
+still needs to reach the end of the message (see `ChunkedBody.release`),
 so the connection goes back to the pool for the next request (a new TLS
 connection per stream would cost far more than it saves).
 """
@@ -183,6 +183,17 @@ class ChunkedBody:
         self._off += pos
         self._buf = buf[pos:]
         return b"".join(out) if len(out) != 1 else out[0]
+
+    def release(self) -> bool:
+        """After a clean end: make the stream's next reads give httpcore's parser `completion()`.
+
+        False when the connection cannot be reused (close it instead).
+        """
+        completion = self.completion()
+        if completion is None:
+            return False
+        self._stream.replay(completion)
+        return True
 
     def completion(self) -> bytes | None:
         """The bytes that take httpcore's parser to the end of the message, after a clean end.
