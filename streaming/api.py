@@ -9,10 +9,11 @@ from flask import Blueprint, Response, g, jsonify, request, url_for
 from streaming import metrics
 from streaming.core import authenticate, sluice
 from streaming.errors import ApiError
-from streaming.follow import ClientWatch, follow_local, follow_remote
+from streaming.follow import ClientWatch, follow_local, follow_log
 from streaming.generation import Generation, GenerationRequest
 from streaming.limits import default_limit, stream_limit
 from streaming.manager import new_stream_id, valid_stream_id
+from streaming.sse import is_done_frame
 from streaming.validation import parse_completion, read_json
 
 __all__ = ["bp", "client_watch", "start_generation"]
@@ -109,14 +110,21 @@ def attach_stream(stream_id: str) -> Response:
     app = sluice()
     stream_id = _checked_id(stream_id)
     after = _last_event_id()
-    if app.manager.info(stream_id, g.owner) is None:
+    info = app.manager.info(stream_id, g.owner)
+    if info is None:
         raise ApiError(404, "not_found", "No such stream.")
     heartbeat = app.settings.heartbeat_seconds
     gen = app.manager.local.get(stream_id)
     if gen is not None:
-        body = follow_local(gen, after, heartbeat, client_watch())
-    else:
-        body = follow_remote(app.manager, stream_id, after, heartbeat, client_watch())
+        return _sse(follow_local(gen, after, heartbeat, client_watch()), stream_id)
+    if info["state"] == "finished":
+        if info.get("events", "").isdigit() and after >= int(info["events"]):
+            # the client has `done`: 204 tells a browser EventSource to stop reconnecting
+            return Response(status=204)
+        frames = app.manager.log.read(stream_id, after)
+        if frames and is_done_frame(frames[-1]):
+            return _sse([b"".join(frames)], stream_id)
+    body = follow_log(app.manager.reader, stream_id, after, heartbeat, client_watch())
     return _sse(body, stream_id)
 
 

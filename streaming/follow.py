@@ -15,9 +15,12 @@ resume may attach meanwhile) and is then cancelled. The heartbeat writes are
 the fallback where there is no socket.
 
 A follower on the generation's own worker is fed in-process (woken by the
-generation, no Redis reads); on any other worker it replays the Redis log
-with XRANGE and follows with XREAD BLOCK, refreshing ``watch:S`` so the
-owner does not count the stream as abandoned.
+generation, no Redis reads). On any other worker it is the same
+`LocalFollower`, over the `streaming.logreader.RemoteStream` that the
+worker's one log reader fills from the Redis event log (one XREAD for all the
+worker's remote followers; no Redis connection per follower), which also
+refreshes ``watch:S`` so the owner does not count the stream as abandoned.
+A finished stream is replayed with one XRANGE (`replay`).
 
 Memory. An idle stream is mostly parked state, so a local follower keeps it
 small: it is its own WSGI iterator (no generator frame), it sleeps on a
@@ -41,7 +44,7 @@ from greenlet import greenlet
 
 from streaming import metrics
 from streaming.generation import Generation
-from streaming.manager import StreamManager
+from streaming.logreader import LogReader, RemoteStream
 from streaming.sse import PING
 
 __all__ = [
@@ -51,19 +54,13 @@ __all__ = [
     "LocalFollower",
     "Wake",
     "follow_local",
-    "follow_remote",
-    "is_done_frame",
+    "follow_log",
 ]
 
 logger = logging.getLogger(__name__)
 
-REMOTE_POLL_MS = 1000
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _GONE_ERRNOS = (errno.ECONNRESET, errno.EBADF, errno.ENOTCONN, errno.EPIPE)
-
-
-def is_done_frame(frame: bytes) -> bool:
-    return b"\nevent: done\n" in frame[:48]
 
 
 class Wake:
@@ -267,7 +264,9 @@ class LocalFollower:
 
     __slots__ = ("gen", "watch", "wake", "heartbeat", "sent", "last", "ping", "_heartbeats")
 
-    def __init__(self, gen: Generation, after: int, heartbeat: float, watch: ClientWatch):
+    def __init__(
+        self, gen: Generation | RemoteStream, after: int, heartbeat: float, watch: ClientWatch
+    ):
         self.gen = gen
         self.watch = watch
         self.wake = watch.wake
@@ -288,12 +287,13 @@ class LocalFollower:
         while not watch.gone and self._heartbeats is not None:
             wake.flag = False
             frames = gen.frames
-            sent = self.sent
-            if sent < len(frames):
-                self.sent = len(frames)
+            start = self.sent - gen.base  # frames[i] is seq base + 1 + i
+            if start < len(frames):
+                start = max(start, 0)  # seqs trimmed from a long log's start are gone
+                self.sent = gen.base + len(frames)
                 self.last = time.monotonic()
                 self.ping = False
-                return frames[sent] if len(frames) == sent + 1 else b"".join(frames[sent:])
+                return frames[start] if len(frames) == start + 1 else b"".join(frames[start:])
             if gen.done:
                 break
             if self.ping:
@@ -323,32 +323,8 @@ def follow_local(
     return LocalFollower(gen, after, heartbeat, watch)
 
 
-def follow_remote(
-    manager: StreamManager, stream_id: str, after: int, heartbeat: float, watch: ClientWatch
-) -> Body:
-    """Follow a stream of another worker (or a finished one) through the Redis log."""
-    return Body(_remote_frames(manager, stream_id, after, heartbeat, watch), watch.close)
-
-
-def _remote_frames(
-    manager: StreamManager, stream_id: str, after: int, heartbeat: float, watch: ClientWatch
-) -> Iterator[bytes]:
-    frames = manager.log.read(stream_id, after, None)
-    quiet = 0.0
-    while not watch.gone:
-        if frames:
-            after += len(frames)
-            quiet = 0.0
-            yield b"".join(frames)
-            if is_done_frame(frames[-1]):
-                return
-        manager.log.touch_watch(stream_id)
-        block = min(REMOTE_POLL_MS, max(1, int((heartbeat - quiet) * 1000)))
-        frames = manager.log.read(stream_id, after, block)
-        if not frames:
-            quiet += block / 1000
-            if quiet >= heartbeat:
-                quiet = 0.0
-                yield PING
-            if not manager.redis.exists(f"sluice:stream:{stream_id}"):
-                return  # expired: its worker died and nothing more will come
+def follow_log(
+    reader: LogReader, stream_id: str, after: int, heartbeat: float, watch: ClientWatch
+) -> LocalFollower:
+    """Follow a stream of another worker or host through this worker's log reader."""
+    return LocalFollower(reader.follow(stream_id), after, heartbeat, watch)

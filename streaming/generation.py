@@ -84,6 +84,8 @@ class GenerationRequest:
 class Generation:
     """A live stream on this worker: its frames, its followers, its reader greenlet."""
 
+    base = 0  # frames[i] is the event of seq i + 1 (followers also follow `RemoteStream`s)
+
     def __init__(self, manager: StreamManager, request: GenerationRequest):
         self.manager = manager
         self.request = request

@@ -7,17 +7,18 @@ Keys (all under ``sluice:``), for stream id S:
   so a crashed worker's streams expire; ``STREAM_RETENTION_SECONDS`` once
   finished.
 - ``events:S``  the event log (see `streaming.eventlog`).
-- ``cancel:S``  flag set by DELETE; ``ack:S`` list the owner pushes its final
-  reason to; ``watch:S`` set by followers on other workers;
-  ``worker:W`` liveness of worker W.
+- ``cancel:S``  flag set by DELETE; ``watch:S`` set by followers on other
+  workers; ``worker:W`` liveness of worker W. (Every key: `streaming.keys`.)
 
 Cross-worker cancel. DELETE (any worker, any host) sets ``cancel:S`` and
 publishes S on ``sluice:cancel``; the one listener greenlet of the owning
-worker stops the generation, whose ``finally`` closes the upstream and pushes
-the final reason to ``ack:S``; DELETE waits on that list (BLPOP) and answers
-``cancelled`` only then. Pub/sub loses messages while a listener reconnects,
-so the listener re-checks the flags of its local streams on every
-(re)subscribe, and the `TICK` loop checks them too.
+worker stops the generation, whose ``finally`` closes the upstream and, in its
+final pipeline, publishes ``S reason`` on ``sluice:ack``. The one listener of
+the DELETE's worker (subscribed to both channels) wakes the waiting DELETE,
+which answers ``cancelled`` only then: waiting holds no Redis connection. Pub/sub loses
+messages while a listener reconnects, so the listener re-checks the flags of
+its local streams on every (re)subscribe, the `TICK` loop checks them too,
+and a waiting DELETE reads the registry entry every `ACK_POLL` seconds.
 
 Redis outage. At start it is a 503 before any stream begins. Mid-stream the
 generation goes on for its local clients; flushes to the event log are kept
@@ -34,11 +35,14 @@ import time
 from collections.abc import Iterator
 
 import gevent
+import gevent.event
 import redis
 
+from streaming import keys
 from streaming.errors import ApiError
 from streaming.eventlog import EventLog
 from streaming.generation import Generation, GenerationRequest, StreamStopped
+from streaming.logreader import LogReader
 from streaming.sessions import SessionStore
 from streaming.slots import Slots
 from streaming.upstream import Upstream
@@ -47,11 +51,10 @@ __all__ = ["RedisGate", "StreamManager", "new_stream_id", "valid_stream_id"]
 
 logger = logging.getLogger(__name__)
 
-CANCEL_CHANNEL = "sluice:cancel"
 TICK = 2.0
 LIVE_TTL = 20
 WORKER_TTL = 6  # three missed ticks
-ACK_TTL = 30
+ACK_POLL = 0.5
 STOP_CANCEL_WAIT = 5.0
 CANCEL_WAIT_MAX = 15.0
 _ID_CHARS = frozenset("0123456789abcdef")
@@ -91,10 +94,6 @@ def valid_stream_id(stream_id: str) -> bool:
     return len(stream_id) == 35 and stream_id.startswith("st_") and set(stream_id[3:]) <= _ID_CHARS
 
 
-def _key(kind: str, stream_id: str) -> str:
-    return f"sluice:{kind}:{stream_id}"
-
-
 class RedisGate:
     """Fail fast while Redis is known to be away.
 
@@ -132,6 +131,9 @@ class StreamManager:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.local: dict[str, Generation] = {}  # this worker's generations (Redis is the registry)
         self.log = EventLog(redis_client, self.worker_id, LIVE_TTL)
+        self.reader = LogReader(redis_client, self.log)  # followers of other workers' streams
+        self._cancel_asked: set[str] = set()  # local streams a DELETE elsewhere waits on
+        self._ack_waiters: dict[str, set[gevent.event.AsyncResult]] = {}
         self.gate = RedisGate()
         self._loops: list[gevent.Greenlet] = []
 
@@ -153,6 +155,7 @@ class StreamManager:
         for loop in self._loops:
             loop.kill(block=False)
         self._loops = []
+        self.reader.close()
 
     # -- starting and finishing -------------------------------------------------------
 
@@ -166,8 +169,10 @@ class StreamManager:
         fields = self._fields(request, now)
         args = [now, now + slots.lease, slots.limit, request.stream_id, slots.lease * 2, LIVE_TTL]
         args += [item for pair in fields.items() for item in pair]
-        keys = [slots.key(request.client), _key("stream", request.stream_id), session_key]
-        admitted = self._admit(keys=keys, args=args)
+        admitted = self._admit(
+            keys=[slots.key(request.client), keys.registry(request.stream_id), session_key],
+            args=args,
+        )
         if admitted == 0:
             raise ApiError(
                 429,
@@ -196,29 +201,31 @@ class StreamManager:
         # never resurrects an entry its generation just marked finished
         fields = self._fields(gen.request, gen.created)
         args = [LIVE_TTL, *(item for pair in fields.items() for item in pair)]
-        self._register_missing(keys=[_key("stream", gen.stream_id)], args=args, client=pipe)
+        self._register_missing(keys=[keys.registry(gen.stream_id)], args=args, client=pipe)
 
     def finished(self, gen: Generation, error_code: str | None) -> None:
         """Called once from a generation's `finally`, after its `done` event."""
         self.local.pop(gen.stream_id, None)
         self.log.forget(gen.stream_id)
         retention = self.settings.stream_retention_seconds
-        stream_key, ack_key = _key("stream", gen.stream_id), _key("ack", gen.stream_id)
+        stream_key = keys.registry(gen.stream_id)
         pipe = self.redis.pipeline(transaction=False)
-        self.log.append(pipe, gen)
-        pipe.expire(_key("events", gen.stream_id), retention)
+        append = self.log.append(pipe, gen)
+        pipe.expire(keys.events(gen.stream_id), retention)
         fields = {
             "state": "finished",
             "reason": gen.reason or "error",
             "ended": f"{time.time():.3f}",
+            "events": str(len(gen.frames)),  # the seq of `done` (a GET after it is a 204)
         }
         if error_code:
             fields["error"] = error_code
         pipe.hset(stream_key, mapping=fields)
         pipe.expire(stream_key, retention)
-        pipe.rpush(ack_key, gen.reason or "error")
-        pipe.expire(ack_key, ACK_TTL)
-        pipe.delete(_key("cancel", gen.stream_id))
+        if gen.stream_id in self._cancel_asked:
+            self._cancel_asked.discard(gen.stream_id)
+            pipe.publish(keys.ACK_CHANNEL, f"{gen.stream_id} {gen.reason or 'error'}")
+        pipe.delete(keys.cancel_flag(gen.stream_id))
         self.slots.release(pipe, gen.request.client, gen.stream_id)
         if gen.request.session_id:
             interrupted = gen.reason not in ("stop", "length")
@@ -230,15 +237,18 @@ class StreamManager:
                 interrupted,
             )
         try:
-            pipe.execute(raise_on_error=False)
+            replies = pipe.execute(raise_on_error=False)
         except redis.RedisError as exc:
             logger.warning("stream %s: final write failed: %s", gen.stream_id, exc)
+            return
+        if append is not None and not self.log.settle(append, replies[append.at]):
+            self.log.write_rest(gen, retention)  # a flush still in flight, or a lost log
 
     # -- registry and cancel ----------------------------------------------------------
 
     def info(self, stream_id: str, owner: str) -> dict[str, str] | None:
         """The registry entry, or None when unknown, expired or owned by someone else."""
-        raw = self.redis.hgetall(_key("stream", stream_id))
+        raw = self.redis.hgetall(keys.registry(stream_id))
         info = {k.decode(): v.decode() for k, v in raw.items()}
         if not info or info.get("owner") != owner:
             return None
@@ -257,24 +267,32 @@ class StreamManager:
             gen.ended.wait(STOP_CANCEL_WAIT)
             return "cancelled" if gen.reason == "cancelled" else "finished"
         self._ensure_running()
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.set(_key("cancel", stream_id), "1", ex=LIVE_TTL * 2)
-        pipe.publish(CANCEL_CHANNEL, stream_id)
-        pipe.execute()
-        ack_key = _key("ack", stream_id)
-        started = time.monotonic()
-        while True:
-            reply = self.redis.blpop([ack_key], timeout=1.0)
-            if reply is not None:
-                return "cancelled" if reply[1] == b"cancelled" else "finished"
-            info = self.info(stream_id, owner)
-            if info is None or info["state"] == "finished":
-                return "cancelled" if info and info.get("reason") == "cancelled" else "finished"
-            if self._worker_dead(info["worker"], time.monotonic() - started):
-                self._bury(stream_id, info)
-                return "finished"
-            if time.monotonic() - started > CANCEL_WAIT_MAX:
-                raise TimeoutError(f"stream {stream_id}: cancel not acknowledged")
+        ack = gevent.event.AsyncResult()
+        self._ack_waiters.setdefault(stream_id, set()).add(ack)
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.set(keys.cancel_flag(stream_id), "1", ex=LIVE_TTL * 2)
+            pipe.publish(keys.CANCEL_CHANNEL, stream_id)
+            pipe.execute()
+            started = time.monotonic()
+            while True:
+                reason = ack.wait(ACK_POLL)  # None: no ack yet
+                if reason is not None:
+                    return "cancelled" if reason == "cancelled" else "finished"
+                info = self.info(stream_id, owner)
+                if info is None or info["state"] == "finished":
+                    return "cancelled" if info and info.get("reason") == "cancelled" else "finished"
+                if self._worker_dead(info["worker"], time.monotonic() - started):
+                    self._bury(stream_id, info)
+                    return "finished"
+                if time.monotonic() - started > CANCEL_WAIT_MAX:
+                    raise TimeoutError(f"stream {stream_id}: cancel not acknowledged")
+        finally:
+            waiters = self._ack_waiters.get(stream_id)
+            if waiters is not None:
+                waiters.discard(ack)
+                if not waiters:
+                    del self._ack_waiters[stream_id]
 
     def _worker_dead(self, worker_id: str, waited: float) -> bool:
         """A worker whose liveness key expired (no tick for WORKER_TTL) is gone.
@@ -283,7 +301,7 @@ class StreamManager:
         key counts once we waited longer than a tick: after a Redis restart every
         live worker writes its key again within TICK seconds.
         """
-        return waited > TICK + 0.5 and not self.redis.exists(f"sluice:worker:{worker_id}")
+        return waited > TICK + 0.5 and not self.redis.exists(keys.worker(worker_id))
 
     def _bury(self, stream_id: str, info: dict[str, str]) -> None:
         """Record the end of a stream whose worker died, and free its slot."""
@@ -293,10 +311,10 @@ class StreamManager:
         retention = self.settings.stream_retention_seconds
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(
-            _key("stream", stream_id),
+            keys.registry(stream_id),
             mapping={"state": "finished", "reason": "error", "error": "worker_lost"},
         )
-        pipe.expire(_key("stream", stream_id), retention)
+        pipe.expire(keys.registry(stream_id), retention)
         self.slots.release(pipe, info.get("client", ""), stream_id)
         if info.get("session_id"):
             pipe.delete(self.sessions.live_key(info["session_id"]))
@@ -306,19 +324,29 @@ class StreamManager:
         for stream_id in stream_ids:
             gen = self.local.get(stream_id)
             if gen is not None:
+                self._cancel_asked.add(stream_id)
                 gen.stop(StreamStopped("cancelled"))
+
+    def _acknowledged(self, message: bytes) -> None:
+        stream_id, _, reason = message.decode().partition(" ")
+        for ack in self._ack_waiters.get(stream_id, ()):
+            ack.set(reason)
 
     def _listen(self) -> None:
         backoff = 0.1
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub.subscribe(CANCEL_CHANNEL)
+                pubsub.subscribe(keys.CANCEL_CHANNEL, keys.ACK_CHANNEL)
                 self._check_flags()  # cancels published while we were not subscribed
                 backoff = 0.1
                 while True:
                     message = pubsub.get_message(timeout=5.0)
-                    if message and message["type"] == "message":
+                    if not message or message["type"] != "message":
+                        continue
+                    if message["channel"] == keys.ACK_CHANNEL.encode():
+                        self._acknowledged(message["data"])
+                    else:
                         self._stop_local([message["data"].decode()])
             except redis.RedisError as exc:
                 logger.warning("cancel listener lost Redis (%s); retrying in %.1fs", exc, backoff)
@@ -330,7 +358,7 @@ class StreamManager:
     def _check_flags(self) -> None:
         ids = list(self.local)
         if ids:
-            flags = self.redis.mget([_key("cancel", sid) for sid in ids])
+            flags = self.redis.mget([keys.cancel_flag(sid) for sid in ids])
             self._stop_local([sid for sid, flag in zip(ids, flags, strict=True) if flag])
 
     def _watchdog(self) -> None:
@@ -361,22 +389,22 @@ class StreamManager:
         """
         gens = list(self.local.values())
         pipe = self.redis.pipeline(transaction=False)
-        pipe.set(f"sluice:worker:{self.worker_id}", "1", ex=WORKER_TTL)
+        pipe.set(keys.worker(self.worker_id), "1", ex=WORKER_TTL)
+        at = []  # per generation: the index of its EXISTS cancel flag reply (EXPIRE's next)
         for gen in gens:
             request = gen.request
-            pipe.exists(_key("cancel", gen.stream_id))
-            pipe.expire(_key("stream", gen.stream_id), LIVE_TTL)
-            pipe.expire(_key("events", gen.stream_id), LIVE_TTL)
+            at.append(len(pipe))
+            pipe.exists(keys.cancel_flag(gen.stream_id))
+            pipe.expire(keys.registry(gen.stream_id), LIVE_TTL)
+            pipe.expire(keys.events(gen.stream_id), LIVE_TTL)
             self.slots.renew(pipe, request.client, gen.stream_id)
             if request.session_id:
                 self.sessions.renew(pipe, request.session_id, gen.stream_id, LIVE_TTL)
-        replies = iter(pipe.execute()[1:])
+        replies = pipe.execute()
         lost = self.redis.pipeline(transaction=False)
         cancelled = []
-        for gen in gens:
-            flagged, alive = next(replies), next(replies)
-            for _ in range(3 + (1 if gen.request.session_id else 0)):
-                next(replies)
+        for gen, i in zip(gens, at, strict=True):
+            flagged, alive = replies[i], replies[i + 1]
             if flagged:
                 cancelled.append(gen.stream_id)
             if not alive and not gen.done:

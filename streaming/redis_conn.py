@@ -5,6 +5,13 @@
 those Sentinels for the current master of ``service`` and follows failovers
 (the same scheme flask-limiter's storage understands). Redis Cluster is not
 supported: the cancel bus uses pub/sub and the slot script keys across streams.
+
+Connections per worker process are bounded by `MAX_CONNECTIONS`, whatever the
+number of streams and followers: the cancel listener holds one, the log reader
+(`streaming.logreader`) one, and every other command borrows one for its round
+trip. A command that finds all of them busy waits up to `POOL_WAIT` seconds
+for one (a blocking pool), then fails like an unreachable Redis (503). With
+Sentinel the pool does not wait: past the bound a command fails at once.
 """
 
 from __future__ import annotations
@@ -18,11 +25,18 @@ from redis.sentinel import Sentinel
 __all__ = ["SENTINEL_SCHEME", "connect"]
 
 SENTINEL_SCHEME = "redis+sentinel://"
+MAX_CONNECTIONS = 64
+POOL_WAIT = 2.0
 
 
 def connect(url: str, **options: Any) -> redis.Redis:
     if not url.startswith(SENTINEL_SCHEME):
-        return redis.Redis.from_url(url, **options)
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT, **options
+        )
+        client = redis.Redis(connection_pool=pool)
+        client.auto_close_connection_pool = True  # as from_url does: close() closes the pool
+        return client
     parts = urlsplit(url)
     password = unquote(parts.password) if parts.password else None
     hosts = []
@@ -38,4 +52,6 @@ def connect(url: str, **options: Any) -> redis.Redis:
         socket_timeout=options.get("socket_timeout"),
         socket_connect_timeout=options.get("socket_connect_timeout"),
     )
-    return sentinel.master_for(path[0], db=db, password=password, **options)
+    return sentinel.master_for(
+        path[0], db=db, password=password, max_connections=MAX_CONNECTIONS, **options
+    )

@@ -12,7 +12,15 @@ from __future__ import annotations
 import json
 import re
 
-__all__ = ["PING", "comment", "encode", "encode_json", "parse"]
+__all__ = [
+    "PING",
+    "comment",
+    "encode",
+    "encode_json",
+    "is_done_frame",
+    "parse",
+    "split_frames",
+]
 
 _LINE_BREAKS = re.compile(r"\r\n|\r|\n")
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -47,6 +55,19 @@ def comment(text: str = "") -> bytes:
 
 
 PING = comment("ping")
+
+
+# -- reading our own frames back (the event log, followers) ----------------------------
+
+
+def split_frames(data: bytes) -> list[bytes]:
+    """The frames of several joined frames (each ends in a blank line; none holds one)."""
+    return [frame + b"\n\n" for frame in data.split(b"\n\n")[:-1]]
+
+
+def is_done_frame(frame: bytes) -> bool:
+    """Is this frame (as `encode_json` writes it) the ``done`` event?"""
+    return b"\nevent: done\n" in frame[:48]
 
 
 def parse(stream: bytes | str) -> list[dict[str, str]]:

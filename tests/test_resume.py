@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import psutil
 import pytest
 
+from streaming.redis_conn import MAX_CONNECTIONS
 from tests.harness import wait_for
 from tests.sse_client import EventStream, request
 
@@ -165,3 +167,61 @@ def test_grace_expiry_saves_the_turn_as_interrupted(make_sluice, simulator, tag)
 
     messages = wait_for(saved, 5, "turn saved")
     assert messages[1]["interrupted"] is True and messages[1]["content"]
+
+
+def redis_connections(server, redis_port: int) -> dict[int, int]:
+    """Open TCP connections to Redis held by each worker of `server`."""
+    counts = {}
+    for pid in server.worker_pids():
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+        counts[pid] = sum(1 for c in conns if c.raddr and c.raddr.port == redis_port)
+    return counts
+
+
+@pytest.mark.timeout(180)
+def test_a_reconnect_storm_costs_no_redis_connection_per_follower(pair, redis_server):
+    """Regression (issue 14): each remote follower held a pooled connection for its XREAD,
+    so a worker answered 503 (MaxConnectionsError) past its pool; now one reader per worker."""
+    a, b = pair
+    count = 200  # more than a worker's whole pool (MAX_CONNECTIONS)
+    started = []
+    for i in range(count):
+        status, _, out = request(
+            a.base,
+            "POST",
+            "/api/v1/completions",
+            {"prompt": f"storm {i} sim:tokens=60 sim:rate=20"},
+        )
+        assert status == 202
+        started.append(out["stream_id"])
+    followers = [
+        EventStream(
+            b.base, f"{STREAM}/{sid}", method="GET", headers={"Last-Event-ID": "0"}, timeout=60
+        )
+        for sid in started
+    ]
+    assert [f.status for f in followers] == [200] * count
+    held = redis_connections(b, redis_server.port)  # every follower attached, streams live
+    print("redis connections per worker of B:", held)
+    assert max(held.values()) <= MAX_CONNECTIONS, held
+    assert sum(held.values()) < count, held
+    for follower in followers:
+        events = follower.read_all()
+        assert [int(e["id"]) for e in events] == list(range(1, len(events) + 1))
+        assert events[-1]["data"]["reason"] == "stop"
+        assert events[-1]["data"]["metadata"]["token_count"] == 60
+
+
+def test_a_get_for_a_stream_already_read_to_done_is_204(pair):
+    """A browser EventSource reconnecting after `done` is told to stop (HTTP 204)."""
+    a, b = pair
+    events = EventStream(a.base, STREAM, {"prompt": "seen sim:tokens=5"}).read_all()
+    done_id = events[-1]["id"]
+    path = f"{STREAM}/{events[0]['data']['stream_id']}"
+    for server in (a, b):
+        status, _, body = request(server.base, "GET", path, headers={"Last-Event-ID": done_id})
+        assert (status, body) == (204, {})
+    before = EventStream(
+        b.base, path, method="GET", headers={"Last-Event-ID": str(int(done_id) - 1)}
+    )
+    assert [e["event"] for e in before.read_all()] == ["done"]

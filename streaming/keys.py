@@ -1,0 +1,50 @@
+"""Redis keys and channels of the stream registry, its event logs and the cancel bus.
+
+One place, so a layout change is one edit. For stream id S (all under ``sluice:``):
+
+- ``stream:S``  the registry entry (hash; see `streaming.manager`)
+- ``events:S``  the event log (Redis stream; see `streaming.eventlog`)
+- ``cancel:S``  the cancel flag set by DELETE
+- ``watch:S``   set by followers on other workers while they follow S
+- ``worker:W``  liveness of worker W
+- channels ``sluice:cancel`` (stream ids to stop) and ``sluice:ack`` ("S reason" once
+  a cancelled stream ended)
+
+Concurrency slots and chat sessions keep theirs in `streaming.slots` and
+`streaming.sessions`; rate limits are flask-limiter's, under ``sluice:rl``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ACK_CHANNEL",
+    "CANCEL_CHANNEL",
+    "cancel_flag",
+    "events",
+    "registry",
+    "watch",
+    "worker",
+]
+
+CANCEL_CHANNEL = "sluice:cancel"
+ACK_CHANNEL = "sluice:ack"
+
+
+def registry(stream_id: str) -> str:
+    return f"sluice:stream:{stream_id}"
+
+
+def events(stream_id: str) -> str:
+    return f"sluice:events:{stream_id}"
+
+
+def cancel_flag(stream_id: str) -> str:
+    return f"sluice:cancel:{stream_id}"
+
+
+def watch(stream_id: str) -> str:
+    return f"sluice:watch:{stream_id}"
+
+
+def worker(worker_id: str) -> str:
+    return f"sluice:worker:{worker_id}"
