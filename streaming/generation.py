@@ -23,6 +23,15 @@ silence (the manager's watchdog) and worker shutdown all arrive as a
 ``finally`` of ``run``: close the upstream response (this is what stops the
 billing), emit ``error`` if any, emit the one ``done``, then let the manager
 flush the log, mark the registry entry finished and acknowledge a cancel.
+
+Memory. A finished generation must be freed by reference counting alone, the
+moment its last follower lets go: one caught in a reference cycle lives until
+Python's rare full collection, with all its text. So no exception that was
+raised is ever kept on the generation (its traceback holds the ``run`` frame,
+which holds the generation): a stop is kept as plain data and a fresh
+`StreamStopped` is thrown; nothing the generation owns keeps a closure over
+it once it ended (the grace greenlet is dropped, the upstream's pacing hook is
+cleared by ``close``). tests/test_memory_release.py checks every path.
 """
 
 from __future__ import annotations
@@ -104,7 +113,7 @@ class Generation:
         self.ttft_ms: float | None = None
         self._pending: list[str] = []
         self._relaying = False
-        self._stop: StreamStopped | None = None
+        self._stop: tuple[str, tuple[str, str] | None] | None = None  # (reason, error)
         self._grace: gevent.Greenlet | None = None
         self._upstream_open = False
         self.head_ms: float | None = None  # generation created -> upstream response head
@@ -177,18 +186,23 @@ class Generation:
     # -- stopping -------------------------------------------------------------------
 
     def stop(self, stop: StreamStopped) -> None:
-        """Ask the reader to end (cancel, client gone, shutdown); safe to call any time."""
+        """Ask the reader to end (cancel, client gone, shutdown); safe to call any time.
+
+        Only the reason and error are kept (plain data): an exception kept here
+        would, once raised, hold the reader's frames, and so this generation,
+        in a reference cycle (see Memory above).
+        """
         if self.done or self._stop is not None:
             return
-        self._stop = stop
+        self._stop = (stop.reason, stop.error)
         if self._relaying:
-            get_hub().loop.run_callback(self._throw, stop)
+            get_hub().loop.run_callback(self._throw)
 
-    def _throw(self, stop: StreamStopped) -> None:
+    def _throw(self) -> None:
         # Runs in the hub: throw only while the reader relays, never into its cleanup.
         greenlet = self.greenlet
-        if self._relaying and greenlet is not None and not greenlet.dead:
-            greenlet.throw(stop)
+        if self._relaying and self._stop is not None and greenlet is not None and not greenlet.dead:
+            greenlet.throw(StreamStopped(*self._stop))
 
     # -- the reader -----------------------------------------------------------------
 
@@ -199,7 +213,7 @@ class Generation:
         metrics.LIVE_STREAMS.inc()
         try:
             if self._stop is not None:
-                raise self._stop
+                raise StreamStopped(*self._stop)
             stream = self.manager.upstream.open(**self.request.upstream_params())
             self.head_ms = (time.perf_counter() - self._t0) * 1000
             self._upstream_open = True
@@ -207,8 +221,10 @@ class Generation:
             reason = "length" if stream.finish_reason == "length" else "stop"
         except StreamStopped as stop:
             reason, error = stop.reason, stop.error
+            stop.__traceback__ = None  # the raised exception must not hold our frames
         except UpstreamError as exc:
             error = (exc.code, exc.message)
+            exc.__traceback__ = None
         except Exception:
             # Policy: a bug must still end the stream properly; the trace goes to the log.
             logger.exception("generation %s failed", self.stream_id)
@@ -286,8 +302,9 @@ class Generation:
                 },
             },
         )
-        if self._grace is not None:
-            self._grace.kill(block=False)
+        grace, self._grace = self._grace, None
+        if grace is not None:
+            grace.kill(block=False)
         self._count(reason, error, stream)
         self.manager.finished(self, error[0] if error else None)
         self.ended.set()
