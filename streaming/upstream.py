@@ -1,11 +1,13 @@
 """The upstream: any OpenAI-compatible API, through the official openai SDK.
 
 The SDK's typed stream costs ~250 µs of CPU per chunk, so the request goes
-through ``with_streaming_response`` and the SSE lines are parsed here (a few
-µs per chunk). Every failure becomes an `UpstreamError` whose code is one of
-the error codes of the API: ``upstream_error``, ``upstream_timeout`` or
-``upstream_rate_limited``. Sluice never retries: the SDK's retries are off,
-so a client sees an upstream failure at once and is never billed twice.
+through the SDK's raw-response route (``client.post(..., cast_to=httpx.Response,
+stream=True)``, its documented way to call an endpoint yourself) and the SSE
+lines are parsed here (a few µs per chunk). Every failure becomes an
+`UpstreamError` whose code is one of the error codes of the API:
+``upstream_error``, ``upstream_timeout`` or ``upstream_rate_limited``. Sluice
+never retries: the SDK's retries are off, so a client sees an upstream failure
+at once and is never billed twice.
 
 A stream that ends without a ``finish_reason`` and without ``[DONE]`` was
 cut off (a dropped connection can look like a clean end to a line reader):
@@ -43,6 +45,9 @@ def _status_error(exc: openai.APIStatusError) -> UpstreamError:
     return UpstreamError("upstream_error", f"The model provider answered HTTP {exc.status_code}.")
 
 
+_OPTIONS: Any = {"headers": {"Accept-Encoding": "identity"}}
+
+
 class Upstream:
     """One SDK client (one connection pool) per app."""
 
@@ -78,40 +83,47 @@ class Upstream:
     def open(self, model: str, messages: list[dict[str, str]], **params: Any) -> UpstreamStream:
         """Send the request; returns once the response head arrived.
 
-        The body goes in ``extra_body``: ``create()`` runs every typed parameter
-        through the SDK's TypedDict transform, an identity for validated text
-        messages that took 31 % of a short stream's profiled CPU (cProfile), and
-        grows with the history. ``messages=[]`` keeps the signature's required
-        argument; ``extra_body`` replaces it in the JSON sent.
+        Through ``client.post`` with ``cast_to=httpx.Response``: the SDK still builds,
+        authenticates and sends the request, maps HTTP errors to its exceptions and
+        hands back the unread response; it skips ``create()``'s TypedDict transform of
+        the parameters (an identity for validated text messages, 31 % of a short
+        stream's profiled CPU, growing with the history) and the streaming-response
+        wrapper: about 0.23 ms less per request (in-process, mock transport).
         """
-        manager = self.client.chat.completions.with_streaming_response.create(
-            model=model,
-            messages=[],
-            stream=True,
-            # identity: the raw bytes are the text (iter_raw skips a decoder layer per chunk)
-            extra_headers={"Accept-Encoding": "identity"},
-            extra_body={
-                "messages": messages,
-                "stream_options": {"include_usage": True},
-                **params,
-            },
-        )
+        body = {
+            "model": model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **params,
+        }
         try:
-            response = manager.__enter__()
+            response = self.client.post(
+                "/chat/completions",
+                cast_to=httpx2.Response,
+                body=body,
+                # identity: the raw bytes are the text (no decoder layer per chunk)
+                options=_OPTIONS,
+                stream=True,
+            )
         except openai.APIStatusError as exc:
             raise _status_error(exc) from None
         except openai.APITimeoutError:
             raise UpstreamError("upstream_timeout", "The model provider did not answer.") from None
         except openai.APIConnectionError:
             raise UpstreamError("upstream_error", "The model provider is unreachable.") from None
-        return UpstreamStream(manager, response.http_response)
+        return UpstreamStream(None, response)
 
     def close(self) -> None:
         self.client.close()
 
 
 class UpstreamStream:
-    """An open streaming response. `close()` closes the HTTP connection."""
+    """An open streaming response. `close()` closes the HTTP connection.
+
+    `manager`, when given, is a context manager that owns the response (its ``__exit__``
+    closes it); otherwise `close()` closes the response itself.
+    """
 
     def __init__(self, manager: Any, response: httpx2.Response):
         self._manager = manager
@@ -238,4 +250,7 @@ class UpstreamStream:
 
     def close(self) -> None:
         self.pace(None)
-        self._manager.__exit__(None, None, None)
+        if self._manager is not None:
+            self._manager.__exit__(None, None, None)
+        else:
+            self._response.close()
