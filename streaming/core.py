@@ -11,7 +11,8 @@ from flask import Request, current_app
 
 from config.settings import Settings
 from streaming.errors import ApiError
-from streaming.manager import RedisGate, StreamManager
+from streaming.manager import StreamManager
+from streaming.redis_conn import RedisGate
 from streaming.upstream import Upstream
 
 __all__ = ["RedisGate", "Sluice", "authenticate", "sluice"]

@@ -13,10 +13,13 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from streaming import metrics
+from streaming.exceptions import SessionBusy, StreamingError, TooManyStreams
 
 __all__ = ["ApiError", "error_response", "install_error_handlers", "redis_unavailable"]
 
 logger = logging.getLogger(__name__)
+
+_CORE_STATUS = {TooManyStreams: 429, SessionBusy: 409}
 
 _HTTP_CODES = {
     400: ("invalid_request", None),
@@ -56,6 +59,14 @@ def install_error_handlers(app: Flask) -> None:
         if exc.status == 429:
             metrics.LIMIT_REJECTIONS.labels(exc.code).inc()
         return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.errorhandler(StreamingError)
+    def _refused(exc: StreamingError) -> Response:
+        # the streaming core's refusals, mapped to their statuses here and only here
+        status = _CORE_STATUS.get(type(exc), 500)
+        if status == 429:
+            metrics.LIMIT_REJECTIONS.labels(exc.code).inc()
+        return error_response(status, exc.code, exc.message)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

@@ -193,6 +193,10 @@ class EventLog:
         logger.warning("stream %s: its last events could not be logged", gen.stream_id)
         return False
 
+    def renew(self, pipe: redis.client.Pipeline, stream_id: str) -> None:
+        """Keep a live stream's log (the owner's tick); its end sets the retention."""
+        pipe.expire(keys.events(stream_id), self.live_ttl)
+
     # -- reading ----------------------------------------------------------------------
 
     def read(self, stream_id: str, after: int) -> list[bytes]:

@@ -10,8 +10,13 @@ One place, so a layout change is one edit. For stream id S (all under ``sluice:`
 - channels ``sluice:cancel`` (stream ids to stop) and ``sluice:ack`` ("S reason" once
   a cancelled stream ended)
 
-Concurrency slots and chat sessions keep theirs in `streaming.slots` and
-`streaming.sessions`; rate limits are flask-limiter's, under ``sluice:rl``.
+For client C (its IP, or its owner in authenticated mode), session S and owner O:
+
+- ``slots:C``   concurrency slots (sorted set; see `streaming.slots`)
+- ``session:S``, ``session:S:messages``, ``session:S:live``, ``sessions:O``
+  (see `streaming.sessions`)
+
+Rate limits are flask-limiter's, under ``sluice:rl`` (`streaming.limits`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ __all__ = [
     "cancel_flag",
     "events",
     "registry",
+    "session",
+    "sessions",
+    "slots",
     "watch",
     "worker",
 ]
@@ -48,3 +56,16 @@ def watch(stream_id: str) -> str:
 
 def worker(worker_id: str) -> str:
     return f"sluice:worker:{worker_id}"
+
+
+def slots(client: str) -> str:
+    return f"sluice:slots:{client}"
+
+
+def session(session_id: str, part: str = "") -> str:
+    """``part``: "" (the hash), ":messages" or ":live"."""
+    return f"sluice:session:{session_id}{part}"
+
+
+def sessions(owner: str) -> str:
+    return f"sluice:sessions:{owner}"

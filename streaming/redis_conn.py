@@ -16,13 +16,14 @@ Sentinel the pool does not wait: past the bound a command fails at once.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.sentinel import Sentinel
 
-__all__ = ["SENTINEL_SCHEME", "connect"]
+__all__ = ["SENTINEL_SCHEME", "RedisGate", "connect"]
 
 SENTINEL_SCHEME = "redis+sentinel://"
 MAX_CONNECTIONS = 64
@@ -55,3 +56,26 @@ def connect(url: str, **options: Any) -> redis.Redis:
     return sentinel.master_for(
         path[0], db=db, password=password, max_connections=MAX_CONNECTIONS, **options
     )
+
+
+class RedisGate:
+    """Fail fast while Redis is known to be away.
+
+    After a Redis error, requests that need Redis get 503 at once for
+    `COOLDOWN` seconds instead of each waiting out a socket timeout on a dead
+    or frozen server; then the next request tries Redis again.
+    """
+
+    COOLDOWN = 2.0
+
+    def __init__(self) -> None:
+        self._down_until = 0.0
+
+    def failed(self) -> None:
+        self._down_until = time.monotonic() + self.COOLDOWN
+
+    def recovered(self) -> None:
+        self._down_until = 0.0
+
+    def is_open(self) -> bool:
+        return time.monotonic() < self._down_until

@@ -23,12 +23,23 @@ import time
 
 import redis
 
-__all__ = ["SessionStore", "new_session_id", "valid_session_id"]
+from streaming import keys
+
+__all__ = ["TAKE_LEASE_LUA", "SessionStore", "new_session_id", "valid_session_id"]
 
 _HEX = frozenset("0123456789abcdef")
 _RELEASE_IF_HELD = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+
+
+# Taking the session's live lease, as a Lua function for the admission script
+# (`streaming.registry`): a string key holding the generating stream's id.
+TAKE_LEASE_LUA = """
+local function take_lease(key, stream_id, ttl)
+  return redis.call('SET', key, stream_id, 'NX', 'EX', ttl) ~= false
+end
 """
 
 
@@ -38,10 +49,6 @@ def new_session_id() -> str:
 
 def valid_session_id(session_id: str) -> bool:
     return len(session_id) == 35 and session_id.startswith("se_") and set(session_id[3:]) <= _HEX
-
-
-def _key(session_id: str, part: str = "") -> str:
-    return f"sluice:session:{session_id}{part}"
 
 
 class SessionStore:
@@ -54,10 +61,12 @@ class SessionStore:
     def create(self, owner: str, title: str) -> dict:
         session_id, created = new_session_id(), int(time.time())
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(_key(session_id), mapping={"owner": owner, "title": title, "created": created})
-        pipe.expire(_key(session_id), self.ttl)
-        pipe.zadd(f"sluice:sessions:{owner}", {session_id: created})
-        pipe.expire(f"sluice:sessions:{owner}", self.ttl)
+        pipe.hset(
+            keys.session(session_id), mapping={"owner": owner, "title": title, "created": created}
+        )
+        pipe.expire(keys.session(session_id), self.ttl)
+        pipe.zadd(keys.sessions(owner), {session_id: created})
+        pipe.expire(keys.sessions(owner), self.ttl)
         pipe.execute()
         return {"session_id": session_id, "title": title, "created": created}
 
@@ -65,7 +74,7 @@ class SessionStore:
         """The session's title and creation time, or None if unknown, expired or not owned."""
         if not valid_session_id(session_id):
             return None
-        raw = self.redis.hgetall(_key(session_id))
+        raw = self.redis.hgetall(keys.session(session_id))
         if not raw or raw.get(b"owner", b"").decode() != owner:
             return None
         return {
@@ -82,7 +91,9 @@ class SessionStore:
         return {**meta, "messages": self.messages(session_id)}
 
     def messages(self, session_id: str) -> list[dict]:
-        return [json.loads(m) for m in self.redis.lrange(_key(session_id, ":messages"), 0, -1)]
+        return [
+            json.loads(m) for m in self.redis.lrange(keys.session(session_id, ":messages"), 0, -1)
+        ]
 
     def history(self, session_id: str) -> list[dict[str, str]]:
         """What goes upstream before the new message: role and content only."""
@@ -92,13 +103,13 @@ class SessionStore:
         if self.meta(session_id, owner) is None:
             return False
         pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(_key(session_id), _key(session_id, ":messages"))
-        pipe.zrem(f"sluice:sessions:{owner}", session_id)
+        pipe.delete(keys.session(session_id), keys.session(session_id, ":messages"))
+        pipe.zrem(keys.sessions(owner), session_id)
         pipe.execute()
         return True
 
     def list(self, owner: str) -> list[dict]:
-        ids = [i.decode() for i in self.redis.zrevrange(f"sluice:sessions:{owner}", 0, 199)]
+        ids = [i.decode() for i in self.redis.zrevrange(keys.sessions(owner), 0, 199)]
         found = [self.meta(i, owner) for i in ids]
         return [m for m in found if m is not None]
 
@@ -107,7 +118,7 @@ class SessionStore:
     @staticmethod
     def live_key(session_id: str) -> str:
         """The session's lease: the stream generating in it (taken by the manager's admission)."""
-        return _key(session_id, ":live")
+        return keys.session(session_id, ":live")
 
     def renew(self, pipe: redis.client.Pipeline, session_id: str, stream_id: str, lease: int):
         pipe.set(self.live_key(session_id), stream_id, ex=lease)  # SET: survives a Redis restart
@@ -127,11 +138,11 @@ class SessionStore:
         if interrupted:
             answer["interrupted"] = True
         entries.append(json.dumps(answer))
-        key = _key(session_id, ":messages")
+        key = keys.session(session_id, ":messages")
         pipe.rpush(key, *entries)
         pipe.ltrim(key, -self.max_messages, -1)
         pipe.expire(key, self.ttl)
-        pipe.expire(_key(session_id), self.ttl)
+        pipe.expire(keys.session(session_id), self.ttl)
         pipe.delete(self.live_key(session_id))
 
     def release_if_held(self, pipe: redis.client.Pipeline, session_id: str, stream_id: str):
@@ -140,6 +151,6 @@ class SessionStore:
 
     def _touch(self, session_id: str) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        pipe.expire(_key(session_id), self.ttl)
-        pipe.expire(_key(session_id, ":messages"), self.ttl)
+        pipe.expire(keys.session(session_id), self.ttl)
+        pipe.expire(keys.session(session_id, ":messages"), self.ttl)
         pipe.execute()

@@ -14,7 +14,24 @@ import time
 
 import redis
 
-__all__ = ["Slots"]
+from streaming import keys
+
+__all__ = ["SLOT_LUA", "Slots"]
+
+
+# Slots in Lua, for the admission script (`streaming.registry`), which runs them
+# atomically with the other parts of admission. The layout is ours: a sorted set,
+# member = stream id, score = lease expiry; expired leases are dropped first.
+SLOT_LUA = """
+local function slot_free(key, now, limit)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  return redis.call('ZCARD', key) < tonumber(limit)
+end
+local function add_slot(key, expiry, stream_id, key_ttl)
+  redis.call('ZADD', key, expiry, stream_id)
+  redis.call('EXPIRE', key, key_ttl)
+end
+"""
 
 
 class Slots:
@@ -26,7 +43,7 @@ class Slots:
 
     @staticmethod
     def key(client: str) -> str:
-        return f"sluice:slots:{client}"
+        return keys.slots(client)
 
     def renew(self, pipe: redis.client.Pipeline, client: str, stream_id: str) -> None:
         # plain ZADD: after a Redis restart the lease is taken again

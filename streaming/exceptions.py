@@ -1,0 +1,32 @@
+"""The streaming core's own errors: what went wrong, in the domain's words, with no HTTP.
+
+The core (admission, the registry, cancel) raises these; the web layer maps
+each to its status and error code of the API in one place
+(`streaming.errors.install_error_handlers`).
+"""
+
+from __future__ import annotations
+
+__all__ = ["SessionBusy", "StreamingError", "TooManyStreams"]
+
+
+class StreamingError(Exception):
+    """Base of the core's refusals; `code` is the API's error code for it."""
+
+    code = "internal_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class TooManyStreams(StreamingError):
+    """The client holds all of its concurrency slots (``MAX_CONCURRENT_STREAMS``)."""
+
+    code = "too_many_streams"
+
+
+class SessionBusy(StreamingError):
+    """The chat session has a live generation already (one at a time per session)."""
+
+    code = "session_busy"

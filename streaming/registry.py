@@ -1,0 +1,175 @@
+"""The stream registry in Redis: admission, each stream's entry, its end, dead workers.
+
+``stream:S`` (`streaming.keys`) is a hash ``owner client worker state reason
+created model session_id`` (+ ``ended events error`` once finished). While
+the stream runs its TTL is `LIVE_TTL`, renewed every tick by the owning
+worker (`streaming.upkeep`), so a crashed worker's entries expire on their
+own; once finished it is kept for ``STREAM_RETENTION_SECONDS``.
+
+Admission is one round trip: a script takes the client's concurrency slot
+(`streaming.slots`), the session's live lease when the stream continues a
+session (`streaming.sessions`), and writes the entry, all or nothing. It is
+composed of those modules' own Lua functions, so each keeps its layout.
+
+Dead workers. Only Redis's own expiry is trusted, never another host's
+clock: a worker whose ``worker:W`` key expired (no tick for `WORKER_TTL`) is
+gone, and a stream it owned is recorded as finished (`bury`), freeing its slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+
+from streaming import keys
+from streaming.exceptions import SessionBusy, TooManyStreams
+from streaming.generation import GenerationRequest
+from streaming.sessions import TAKE_LEASE_LUA, SessionStore
+from streaming.slots import SLOT_LUA, Slots
+
+__all__ = ["LIVE_TTL", "TICK", "WORKER_TTL", "Registry"]
+
+logger = logging.getLogger(__name__)
+
+TICK = 2.0  # the owning worker renews its entries this often
+LIVE_TTL = 20
+WORKER_TTL = 6  # three missed ticks
+
+# KEYS: slots, registry entry, session lease ("" for none).
+# ARGV: now, slot expiry, slot limit, stream id, slots key TTL, LIVE_TTL, field, value, ...
+# Returns 1 (admitted), 0 (no free slot) or -1 (the session is generating already).
+_ADMIT = (
+    SLOT_LUA
+    + TAKE_LEASE_LUA
+    + """
+if not slot_free(KEYS[1], ARGV[1], ARGV[3]) then return 0 end
+if KEYS[3] ~= '' and not take_lease(KEYS[3], ARGV[4], ARGV[6]) then return -1 end
+add_slot(KEYS[1], ARGV[2], ARGV[4], ARGV[5])
+redis.call('HSET', KEYS[2], unpack(ARGV, 7))
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+return 1
+"""
+)
+
+_REGISTER_MISSING = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+def _flat(fields: dict[str, str]) -> list[str]:
+    return [item for pair in fields.items() for item in pair]
+
+
+class Registry:
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        worker_id: str,
+        slots: Slots,
+        sessions: SessionStore,
+        retention: int,
+    ):
+        self.redis = redis_client
+        self.worker_id = worker_id
+        self.slots = slots
+        self.sessions = sessions
+        self.retention = retention
+        self._admit = redis_client.register_script(_ADMIT)
+        self._register_missing = redis_client.register_script(_REGISTER_MISSING)
+
+    def fields(self, request: GenerationRequest, created: float) -> dict[str, str]:
+        return {
+            "owner": request.owner,
+            "client": request.client,
+            "worker": self.worker_id,
+            "state": "running",
+            "created": f"{created:.3f}",
+            "model": request.model,
+            "session_id": request.session_id or "",
+        }
+
+    def admit(self, request: GenerationRequest, now: float) -> None:
+        """Slot, session lease and entry in one round trip; a refusal raises its domain error."""
+        slots = self.slots
+        session_key = self.sessions.live_key(request.session_id) if request.session_id else ""
+        args = [now, now + slots.lease, slots.limit, request.stream_id, slots.lease * 2, LIVE_TTL]
+        admitted = self._admit(
+            keys=[slots.key(request.client), keys.registry(request.stream_id), session_key],
+            args=args + _flat(self.fields(request, now)),
+        )
+        if admitted == 0:
+            raise TooManyStreams(
+                f"At most {slots.limit} live streams per client; wait for one to end."
+            )
+        if admitted == -1:
+            raise SessionBusy("This session is already generating an answer.")
+
+    def register_if_missing(
+        self, pipe: redis.client.Pipeline, request: GenerationRequest, created: float
+    ) -> None:
+        """Write an entry a restarted Redis lost (never one its stream just marked finished)."""
+        args = [LIVE_TTL, *_flat(self.fields(request, created))]
+        self._register_missing(keys=[keys.registry(request.stream_id)], args=args, client=pipe)
+
+    def info(self, stream_id: str, owner: str) -> dict[str, str] | None:
+        """The entry, or None when unknown, expired or owned by someone else."""
+        raw = self.redis.hgetall(keys.registry(stream_id))
+        info = {k.decode(): v.decode() for k, v in raw.items()}
+        if not info or info.get("owner") != owner:
+            return None
+        return info
+
+    def mark_finished(
+        self,
+        pipe: redis.client.Pipeline,
+        stream_id: str,
+        reason: str,
+        last_seq: int,
+        error_code: str | None,
+    ) -> None:
+        """Queue the end of a stream: its state, reason and the seq of its ``done``."""
+        fields = {
+            "state": "finished",
+            "reason": reason,
+            "ended": f"{time.time():.3f}",
+            "events": str(last_seq),  # the seq of `done` (a GET after it is a 204)
+        }
+        if error_code:
+            fields["error"] = error_code
+        pipe.hset(keys.registry(stream_id), mapping=fields)
+        pipe.expire(keys.registry(stream_id), self.retention)
+
+    def renew(self, pipe: redis.client.Pipeline, stream_id: str) -> None:
+        pipe.expire(keys.registry(stream_id), LIVE_TTL)
+
+    # -- dead workers -------------------------------------------------------------------
+
+    def alive(self, pipe: redis.client.Pipeline) -> None:
+        """Queue this worker's liveness mark (every tick)."""
+        pipe.set(keys.worker(self.worker_id), "1", ex=WORKER_TTL)
+
+    def worker_dead(self, worker_id: str, waited: float) -> bool:
+        """Is that worker gone? A missing key counts once we waited longer than a tick:
+        after a Redis restart every live worker writes its key again within `TICK`."""
+        return waited > TICK + 0.5 and not self.redis.exists(keys.worker(worker_id))
+
+    def bury(self, stream_id: str, info: dict[str, str]) -> None:
+        """Record the end of a stream whose worker died, and free its slot and lease."""
+        logger.warning(
+            "stream %s: worker %s is gone; marking it finished", stream_id, info["worker"]
+        )
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(
+            keys.registry(stream_id),
+            mapping={"state": "finished", "reason": "error", "error": "worker_lost"},
+        )
+        pipe.expire(keys.registry(stream_id), self.retention)
+        self.slots.release(pipe, info.get("client", ""), stream_id)
+        if info.get("session_id"):
+            pipe.delete(self.sessions.live_key(info["session_id"]))
+        pipe.execute()
