@@ -13,13 +13,13 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from streaming import metrics
-from streaming.exceptions import SessionBusy, StreamingError, TooManyStreams
+from streaming.exceptions import NotFound, SessionBusy, StreamingError, TooManyStreams
 
 __all__ = ["ApiError", "error_response", "install_error_handlers", "redis_unavailable"]
 
 logger = logging.getLogger(__name__)
 
-_CORE_STATUS = {TooManyStreams: 429, SessionBusy: 409}
+_CORE_STATUS = {TooManyStreams: 429, SessionBusy: 409, NotFound: 404}
 
 _HTTP_CODES = {
     400: ("invalid_request", None),

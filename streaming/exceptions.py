@@ -7,7 +7,7 @@ each to its status and error code of the API in one place
 
 from __future__ import annotations
 
-__all__ = ["SessionBusy", "StreamingError", "TooManyStreams"]
+__all__ = ["NotFound", "SessionBusy", "StreamingError", "TooManyStreams"]
 
 
 class StreamingError(Exception):
@@ -30,3 +30,9 @@ class SessionBusy(StreamingError):
     """The chat session has a live generation already (one at a time per session)."""
 
     code = "session_busy"
+
+
+class NotFound(StreamingError):
+    """No such stream or session for this owner (unknown, expired or another's: alike)."""
+
+    code = "not_found"

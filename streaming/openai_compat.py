@@ -36,23 +36,23 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, g, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
-from streaming.api import client_watch, start_generation
-from streaming.core import authenticate, sluice
+from streaming.core import sluice
 from streaming.errors import ApiError
 from streaming.follow import Body, follow_local
 from streaming.generation import Generation
 from streaming.limits import default_limit, stream_limit
-from streaming.sse import PING
+from streaming.sse import PING, compact_json, read_frames
 from streaming.validation import read_json
+from streaming.views import authenticated, client_watch, sse_response, start_generation
 
 __all__ = ["bp", "error_body", "openai_request"]
 
-bp = Blueprint("openai_compat", __name__, url_prefix="/v1")
+bp = authenticated(Blueprint("openai_compat", __name__, url_prefix="/v1"))
 default_limit(bp)
 
-_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_JSON = compact_json
 _DONE = b"data: [DONE]\n\n"
 _FIELD = re.compile(r"Invalid field '([^']*)'")
 # Our in-stream error codes -> the HTTP status of a non-streaming answer.
@@ -69,11 +69,6 @@ _TYPES |= {499: "cancelled"}
 # A stream that ended neither by stop/length nor with an error event.
 _CANCELLED = {"code": "cancelled", "message": "The stream was cancelled."}
 _FAILED = {"code": "internal_error", "message": "The generation failed."}
-
-
-@bp.before_request
-def _authenticate() -> None:
-    g.owner = authenticate(request, sluice().settings)
 
 
 # -- errors ---------------------------------------------------------------------------
@@ -144,16 +139,6 @@ def openai_request(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
 # -- the answer -----------------------------------------------------------------------
 
 
-def _frames(chunk: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """(event name, JSON data) of each frame of a follower chunk; pings as (b"ping", b"")."""
-    for frame in chunk.split(b"\n\n"):
-        if frame.startswith(b"id: "):
-            _id, event, data = frame.split(b"\n", 2)
-            yield event[7:], data[6:]
-        elif frame:
-            yield b"ping", b""
-
-
 def _usage(usage: dict[str, Any]) -> dict[str, int]:
     p, c = usage["prompt_tokens"], usage["completion_tokens"]
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
@@ -181,7 +166,7 @@ def _chunks(gen: Generation, frames: Iterator[bytes], include_usage: bool) -> It
     for raw in frames:
         out: list[bytes] = []
         text: list[str] = []
-        for event, data in _frames(raw):
+        for event, data in read_frames(raw):
             if event == b"token":
                 text.append(json.loads(data)["token"])
                 continue
@@ -223,7 +208,7 @@ def _completion(gen: Generation, frames: Body) -> Response:
     error: dict[str, str] | None = None
     try:
         for raw in frames:
-            for event, data in _frames(raw):
+            for event, data in read_frames(raw):
                 if event == b"error":
                     error = json.loads(data)["error"]
                 elif event == b"done":
@@ -265,15 +250,7 @@ def chat_completions() -> Response:
     frames = follow_local(gen, 0, sluice().settings.heartbeat_seconds, watch)
     if not stream:
         return _completion(gen, frames)
-    body = Body(_chunks(gen, frames, include_usage), frames.close)
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Stream-ID": gen.stream_id}
-    return Response(
-        body,
-        status=200,
-        content_type="text/event-stream",
-        headers=headers,
-        direct_passthrough=True,  # bytes only; gunicorn closes the body (see api._sse)
-    )
+    return sse_response(Body(_chunks(gen, frames, include_usage), frames.close), gen.stream_id)
 
 
 # -- models ---------------------------------------------------------------------------

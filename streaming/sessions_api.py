@@ -4,22 +4,18 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, g, jsonify, request
 
-from streaming.core import authenticate, sluice
+from streaming.core import sluice
 from streaming.errors import ApiError
 from streaming.limits import default_limit
 from streaming.validation import read_json
+from streaming.views import authenticated
 
 __all__ = ["bp"]
 
-bp = Blueprint("sessions", __name__, url_prefix="/api/v1/sessions")
+bp = authenticated(Blueprint("sessions", __name__, url_prefix="/api/v1/sessions"))
 default_limit(bp)
 
 MAX_TITLE = 200
-
-
-@bp.before_request
-def _authenticate() -> None:
-    g.owner = authenticate(request, sluice().settings)
 
 
 def _not_found() -> ApiError:

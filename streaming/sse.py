@@ -11,19 +11,23 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 
 __all__ = [
     "PING",
     "comment",
+    "compact_json",
     "encode",
     "encode_json",
     "is_done_frame",
     "parse",
+    "read_frames",
     "split_frames",
 ]
 
 _LINE_BREAKS = re.compile(r"\r\n|\r|\n")
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+compact_json = _JSON  # the one compact JSON encoder (the /v1 chunks use it too)
 
 
 def _field(value: str) -> str:
@@ -63,6 +67,16 @@ PING = comment("ping")
 def split_frames(data: bytes) -> list[bytes]:
     """The frames of several joined frames (each ends in a blank line; none holds one)."""
     return [frame + b"\n\n" for frame in data.split(b"\n\n")[:-1]]
+
+
+def read_frames(chunk: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(event name, JSON data) of each frame in joined frames; comments as (b"ping", b"")."""
+    for frame in chunk.split(b"\n\n"):
+        if frame.startswith(b"id: "):
+            _id, event, data = frame.split(b"\n", 2)
+            yield event[7:], data[6:]
+        elif frame:
+            yield b"ping", b""
 
 
 def is_done_frame(frame: bytes) -> bool:
