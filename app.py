@@ -16,6 +16,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config.settings import Settings, load_settings
 from streaming import api, metrics, openai_compat, ops, sessions_api
+from streaming.body_deadline import BodyDeadline
 from streaming.core import Sluice
 from streaming.errors import install_error_handlers
 from streaming.limits import init_limits
@@ -64,6 +65,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings.trusted_proxies:
         # Believe exactly that many X-Forwarded-For hops (nginx.conf: 1), no more.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)
+    # request bodies arrive within 10 s (408) and malformed ones are a 400, never a 500
+    app.wsgi_app = BodyDeadline(app.wsgi_app)
     install_error_handlers(app)  # first: its fail-fast hook runs before the limiter's
     init_limits(app, redis_client)
     install_request_log(app)
