@@ -45,6 +45,8 @@ timeout = 30  # worker heartbeat to the master; gevent workers notify every seco
 keepalive = 5
 preload_app = False
 accesslog = os.environ.get("ACCESS_LOG") or None  # the app logs each request as JSON
+# one line, not a traceback, for a client dropped by SEND_TIMEOUT_SECONDS
+logger_class = "streaming.gunicorn_log.SluiceLogger"
 forwarded_allow_ips = "127.0.0.1,::1"
 SHUTDOWN_MARGIN = 3.0
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import socket
+
 import pytest
 
-from tests.harness import free_port
+from tests.harness import free_port, wait_for
 from tests.sse_client import request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -151,3 +154,45 @@ def test_redis_unreachable_is_503_and_health_stays_up(make_sluice):
     assert (status, body["error"]["code"]) == (503, "redis_unavailable")
     status, _, body = request(server.base, "DELETE", f"{PATH}/st_{'1' * 32}")
     assert (status, body["error"]["code"]) == (503, "redis_unavailable")
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"Range": "bytes=99999999-"}, 416),  # was 416 internal_error
+        ({"If-Match": '"not-the-page"'}, 412),  # was 412 with the whole page as its body
+    ],
+    ids=["range not satisfiable", "if-match fails"],
+)
+def test_unmapped_4xx_on_the_page_is_a_typed_invalid_request(sluice, headers, status):
+    got, hdrs, body = request(sluice.base, "GET", "/", headers=headers)
+    assert (got, body["error"]["code"]) == (status, "invalid_request"), body
+    assert hdrs["content-type"] == "application/json"
+    assert "<html" not in json.dumps(body).lower()
+
+
+def test_a_client_dropped_by_the_send_timeout_logs_one_line(make_sluice, simulator, tag):
+    server = make_sluice(workers=1, SEND_TIMEOUT_SECONDS="1")
+    offset = server.log_path.stat().st_size
+    slow = socket.create_connection(("127.0.0.1", server.port))
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    body = json.dumps({"prompt": f"flood sim:tokens=100000 sim:rate=0 sim:tag={tag}"}).encode()
+    slow.sendall(
+        b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        b"application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    try:
+
+        def logged() -> str:
+            with open(server.log_path, "rb") as log:
+                log.seek(offset)
+                text = log.read().decode(errors="replace")
+            return text if "client dropped" in text else ""
+
+        text = wait_for(logged, 30, "the drop to be logged")
+    finally:
+        slow.close()
+    assert "Traceback" not in text
+    assert "Socket error processing request" not in text
+    [line] = [line for line in text.splitlines() if "client dropped" in line]
+    assert "timed out" in line
