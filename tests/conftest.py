@@ -6,6 +6,7 @@ import os
 import pytest
 import redis
 
+from tests.app_tier import app_cache, app_client, app_redis, make_app  # noqa: F401 (in-process tier)
 from tests.harness import RedisServer, Simulator, Sluice
 
 _tags = itertools.count()

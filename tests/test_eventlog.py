@@ -20,7 +20,7 @@ from streaming.eventlog import EventLog
 from streaming.logreader import RemoteStream
 from streaming.sse import encode_json, split_frames
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 RETENTION = 300
 

@@ -23,7 +23,7 @@ import pytest
 from tests.harness import ROOT, Sluice, free_port, wait_for
 from tests.sse_client import EventStream, request
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+pytestmark = [pytest.mark.integration, pytest.mark.nginx, pytest.mark.timeout(90)]
 
 PATH = "/api/v1/completions/stream"
 MISSING = f"{PATH}/st_{'0' * 32}"

@@ -9,7 +9,7 @@ import pytest
 from config.settings import SettingsError, load_settings
 from tests.harness import ROOT, VENV_BIN
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 
 def test_defaults_match_the_contract():

@@ -22,7 +22,7 @@ import pytest
 
 from streaming.simulator import tokens_for
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = 40

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from streaming.sse import PING, comment, encode, encode_json, parse
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 
 def test_json_frame_shape():

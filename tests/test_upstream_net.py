@@ -12,7 +12,7 @@ from streaming.upstream import Upstream
 from streaming.upstream_net import socket_readable
 from tests.harness import ROOT
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 # In a gevent-patched process: does the check let another greenlet run (i.e. yield)?
 _YIELDS = """

@@ -9,7 +9,7 @@ import pytest
 
 from streaming.upstream import UpstreamError, UpstreamStream
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
 
 
 class _Manager:

@@ -18,7 +18,7 @@ from streaming.simulator import parse_directives, tokens_for
 from tests.browser import ARTIFACTS, chromium
 from tests.sse_client import EventStream
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.timeout(120)]
 
 STREAM = "/api/v1/completions/stream"
 WAIT_MS = 30_000
