@@ -14,6 +14,11 @@ Figures are kept for a window of ``--duration`` seconds after ``--warmup``;
 when it closes no stream starts any more and those in flight are read to
 their end (at most ``DRAIN`` seconds).
 
+``--burst`` (bench/starts.py): open loop instead, every simulated client
+starts exactly one stream at ``--start-at``, at the same instant; every
+figure counts, and the window runs from that instant to the end of the last
+stream, so delivered tokens/s is all tokens over the length of the burst.
+
 HTTP/1.1 is written by hand (one request per connection); the response body
 (chunked) is scanned, never decoded: a receive is cut at its last blank line
 (``\\n\\n``, the end of an SSE frame; chunk-size lines never hold one) and the
@@ -144,6 +149,12 @@ class Generator:
         self.w0 = self.t0 + args.warmup
         self.w1 = self.w0 + args.duration
         self.stagger = (self.tmin + self.tmax) / 2 / self.rate
+        # --burst: every user starts one stream at t0, all figures count, and the window
+        # is from t0 to the end of the last stream (bench/starts.py).
+        self.burst = args.burst
+        self.ends: list[float] = []
+        if self.burst:
+            self.w0, self.w1 = self.t0 - 1.0, self.t0 + STREAM_TIMEOUT
         self.ttft: list[float] = []
         self.head: list[float] = []  # connect -> response head (sluice: with the start event)
         self.server_ttft: list[float] = []  # sluice: the done event's metadata.ttft_ms
@@ -163,6 +174,22 @@ class Generator:
         import gevent
 
         rng = random.Random(1000 + self.first + index)
+        if self.burst:
+            gevent.sleep(max(0.0, self.t0 - time.perf_counter()))
+            tokens = rng.randint(self.tmin, self.tmax)
+            prompt = (
+                f"burst {self.first + index} sim:tokens={tokens} sim:rate={self.rate} sim:delay=0"
+            )
+            try:
+                self.one_stream(prompt, tokens)
+                self.ends.append(time.perf_counter())
+            except StreamFailed as exc:
+                self.error(str(exc))
+            except (OSError, EOFError) as exc:
+                self.error(type(exc).__name__)
+            except gevent.Timeout:
+                self.error("timeout")
+            return
         gevent.sleep(max(0.0, self.t0 + index * self.stagger / self.streams - time.perf_counter()))
         n = 0
         while time.perf_counter() < self.w1:
@@ -291,11 +318,18 @@ class Generator:
         import gevent
 
         users = [gevent.spawn(self.user, i) for i in range(self.streams)]
-        gevent.sleep(max(0.0, self.w0 - time.perf_counter()))
-        cpu0 = _cpu()
-        gevent.sleep(max(0.0, self.w1 - time.perf_counter()))
-        self.cpu_window = _cpu() - cpu0
-        left = gevent.joinall(users, timeout=DRAIN)
+        if self.burst:
+            cpu0 = _cpu()
+            left = gevent.joinall(users, timeout=STREAM_TIMEOUT + 5)
+            self.cpu_window = _cpu() - cpu0
+            self.w0 = self.t0
+            self.w1 = max(self.ends) if self.ends else self.t0 + STREAM_TIMEOUT
+        else:
+            gevent.sleep(max(0.0, self.w0 - time.perf_counter()))
+            cpu0 = _cpu()
+            gevent.sleep(max(0.0, self.w1 - time.perf_counter()))
+            self.cpu_window = _cpu() - cpu0
+            left = gevent.joinall(users, timeout=DRAIN)
         unfinished = len(users) - len(left)
         gevent.killall(users, block=True, timeout=5)
         return {
@@ -391,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-at", type=float, default=0.0, help="epoch time to begin")
     parser.add_argument("--first-stream", type=int, default=0, help="seed offset (processes)")
     parser.add_argument("--summary", action="store_true", help="print the summary, not raw")
+    parser.add_argument(
+        "--burst", action="store_true", help="one stream per user, all started at --start-at"
+    )
     args = parser.parse_args(argv)
     host = urlsplit(args.url).hostname
     if host not in ("127.0.0.1", "localhost"):
