@@ -9,12 +9,17 @@ with its own real processes on 127.0.0.1 and each bounded in time:
 - cancel  bench/cancel.py      DELETE -> done / upstream closed, across workers and servers
 - disconnect bench/disconnect.py  client gone -> upstream closed (chatty, silent upstream)
 - memory  bench/memory.py      RSS per idle stream at 1,000 and 5,000 streams
+- startcpu bench/starts.py     worker CPU per stream start (beside a bare Flask route, common)
+- single  bench/starts.py      one stream alone: added TTFT over direct (median of 15)
+- burst   bench/starts.py      200 streams started at the same instant, Sluice vs direct
+- storm   bench/storm.py       300 detached generations on server A, 300 resumes at once on B
 - hotspots bench/hotspots.py   py-spy profile of the workers when a load target is missed
                                (and a tracemalloc probe when the memory target is missed)
 
 Every figure prints next to its baseline measured in the same run, and the
 whole section (date, machine, exact command, targets met or missed) is
-appended to bench/RESULTS.md unless ``--no-write``. ``--quick`` is a short
+written to bench/RESULTS.md as its latest suite unless ``--no-write`` (the suite
+it replaces moves to the end of bench/HISTORY.md). ``--quick`` is a short
 version (fewer levels, tries and seconds; no profiles) for a smoke test.
 Raw figures go to bench/out/ (git-ignored).
 """
@@ -29,9 +34,13 @@ import time
 import traceback
 from pathlib import Path
 
-from bench.stack import OUT, RESULTS, ROOT, machine, md_table, now, raise_nofile
+from bench.stack import OUT, RESULTS, ROOT, machine, md_table, now, raise_nofile, write_results
 
-STEPS = ("relay", "load", "cancel", "disconnect", "memory", "hotspots")
+STEPS = ("relay", "load", "cancel", "disconnect", "memory")
+STEPS += ("startcpu", "single", "burst", "storm")  # issue 14: stream starts, reconnect storm
+STEPS += ("hotspots",)
+RELAY_TARGET_MS = 25  # ms of worker CPU per 1,000 relayed tokens (issue 14; was 40)
+MEMORY_TARGET_KB = 40  # per idle stream (issue 14; was 64)
 
 
 def _command() -> str:
@@ -69,12 +78,12 @@ def targets(results: dict) -> tuple[str, list[str]]:
             if r:
                 add(
                     f"relay CPU, {name}",
-                    "≤ 40 ms / 1k tokens",
+                    f"≤ {RELAY_TARGET_MS:g} ms / 1k tokens",
                     f"{r['server_ms_per_1k']:.0f} ms / 1k",
                     f"simulator {r['sim_ms_per_1k']:.0f}"
                     + (f"; Sluice unbatched {z['server_ms_per_1k']:.0f}" if z else "")
                     + (f"; common design {c['server_ms_per_1k']:.0f}" if c else ""),
-                    r["server_ms_per_1k"] <= 40,
+                    r["server_ms_per_1k"] <= RELAY_TARGET_MS,
                 )
     load = results.get("load")
     if load:
@@ -159,10 +168,10 @@ def targets(results: dict) -> tuple[str, list[str]]:
             errors = sum(holder["errors"].values()) + (0 if d["all_upstreams_open"] else 1)
             add(
                 f"memory per idle stream at {level}",
-                "≤ 64 KB",
+                f"≤ {MEMORY_TARGET_KB:g} KB",
                 f"{d['per_stream_kb']:.1f} KB",
                 f"RSS at 0 streams {memory['data']['base_rss'] / 2**20:.0f} MiB",
-                d["per_stream_kb"] <= 64,
+                d["per_stream_kb"] <= MEMORY_TARGET_KB,
             )
             if level == max(levels):
                 add(
@@ -173,15 +182,90 @@ def targets(results: dict) -> tuple[str, list[str]]:
                     "–",
                     errors == 0 and d["log_problems"] == 0 and holder["ready"] == level,
                 )
+    start_rows(results, add)
     table = md_table(["figure", "target", "Sluice", "baseline (same run)", "verdict"], rows)
     return table, missed
+
+
+def start_rows(results: dict, add) -> None:
+    """The target rows of issue 14: stream starts (CPU, alone, burst) and the reconnect storm."""
+    from bench import starts, storm
+
+    cpu = results.get("startcpu")
+    if cpu and "sluice" in cpu["data"]:
+        d = cpu["data"]
+        base = [f"bare Flask route {d['health']['ms']:.2f} ms"] if "health" in d else []
+        base += [f"common design {d['common']['ms']:.2f} ms"] if "common" in d else []
+        add(
+            "stream start: worker CPU per start",
+            f"≤ {starts.TARGET_START_MS:g} ms",
+            f"{d['sluice']['ms']:.2f} ms ({d['sluice']['errors']} errors)",
+            "; ".join(base) or "–",
+            d["sluice"]["ms"] <= starts.TARGET_START_MS and d["sluice"]["errors"] == 0,
+        )
+    single = results.get("single")
+    if single:
+        d = single["data"]
+        add(
+            "one stream alone: added TTFT (median of 15)",
+            f"≤ {starts.TARGET_SINGLE_MS:g} ms",
+            f"{d['added_ms']:+.2f} ms (TTFT {d['sluice_ms']:.2f} ms)",
+            f"direct {d['direct_ms']:.2f} ms",
+            d["added_ms"] <= starts.TARGET_SINGLE_MS,
+        )
+    burst = results.get("burst")
+    if burst:
+        d = burst["data"]
+        s, b = d["median"]["sluice"], d["median"]["direct"]
+        n = f"burst {starts.BURST_N}"
+        add(
+            f"{n}: delivered tokens/s",
+            f"≥ {starts.TARGET_BURST_RATIO} × direct",
+            f"{s['delivered_tps']:.0f} ({d['ratio']:.2f} × direct; {s['errors']} errors)",
+            f"direct {b['delivered_tps']:.0f}",
+            d["ratio"] >= starts.TARGET_BURST_RATIO and s["errors"] == 0,
+        )
+        add(
+            f"{n}: TTFT p50",
+            f"≤ direct + {starts.TARGET_BURST_TTFT_MS:g} ms",
+            f"{s['ttft_p50_ms']:.1f} ms (direct {d['ttft_extra_ms']:+.1f})",
+            f"direct {b['ttft_p50_ms']:.1f} ms",
+            d["ttft_extra_ms"] <= starts.TARGET_BURST_TTFT_MS,
+        )
+    st = results.get("storm")
+    if st:
+        d = st["data"]
+        runs = d["runs"]
+        add(
+            f"storm {d['streams']}: resumes complete, nothing lost",
+            "all, 0 lost, every run",
+            " / ".join(f"{r['complete']}" for r in runs)
+            + f" of {d['streams']} complete; lost {' / '.join(str(r['lost']) for r in runs)}",
+            "–",
+            d["all_complete"] and d["lost"] == 0,
+        )
+        add(
+            f"storm {d['streams']}: first replayed event p50 (worst run)",
+            f"≤ {storm.TARGET_FIRST_EVENT_MS:g} ms",
+            f"{d['first_event_p50_ms']:.0f} ms",
+            f"one resume alone {d['alone_ms']:.1f} ms",
+            d["first_event_p50_ms"] <= storm.TARGET_FIRST_EVENT_MS,
+        )
+        bound = d["bound"]
+        add(
+            "storm: Redis connections per worker of B (most)",
+            f"≤ {bound} (the stated bound)" if bound else "bounded",
+            str(d["redis_conns_per_worker"]),
+            f"before the storms {d['idle'].get('B', 0)}",
+            d["redis_conns_per_worker"] <= bound if bound else None,
+        )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser("python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short version (smoke test)")
     parser.add_argument("--only", help=f"comma list of steps: {','.join(STEPS)}")
-    parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--no-write", action="store_true", help="do not write RESULTS.md")
     args = parser.parse_args()
     steps = tuple(args.only.split(",")) if args.only else STEPS
     unknown = set(steps) - set(STEPS)
@@ -239,6 +323,26 @@ def main() -> int:
         return result
 
     step("memory", memory_and_probe)
+
+    from bench import starts, storm
+
+    step("startcpu", lambda: starts.run_startcpu(args.quick))
+    step("single", lambda: starts.run_single(args.quick))
+    step("burst", lambda: starts.run_burst(args.quick))
+    step("storm", lambda: storm.run(args.quick))
+    if {"single", "burst", "storm"} & results.keys():  # redraw the plot with their panel
+        loaded = "load" in results and not (args.quick or args.no_write)
+        OUT.mkdir(exist_ok=True)
+        path = plot(
+            results.get("load", {}).get("results", []),
+            PNG if loaded else OUT / "latency.png",
+            starts={k: results[k]["data"] for k in ("single", "burst", "storm") if k in results},
+        )
+        sections.append(
+            f"![TTFT and throughput; stream starts and the storm]({PNG.name})\n"
+            if loaded
+            else f"Plot with the start and storm panel (not kept): `{path.relative_to(ROOT)}`\n"
+        )
     load_missed = any(
         not (c["delivered_ok"] and c["ttft_ok"])
         for c in results.get("load", {}).get("checks", [])
@@ -265,9 +369,8 @@ def main() -> int:
     OUT.mkdir(exist_ok=True)
     (OUT / "suite.json").write_text(json.dumps(results, indent=1, default=str))
     if not args.no_write:
-        with open(RESULTS, "a") as out:
-            out.write("\n" + report)
-        print(f"appended to {RESULTS.relative_to(ROOT)}")
+        write_results(report)
+        print(f"written to {RESULTS.relative_to(ROOT)} (the suite it replaced: bench/HISTORY.md)")
     print(f"bench: total {elapsed:.0f} s")
     return 1 if failed else 0
 

@@ -1,5 +1,8 @@
 """The latency plot: TTFT p50/p99 against concurrency, Sluice and direct (and the common
 design's point), plus delivered tokens/s against offered; saved as bench/latency.png.
+With the start scenarios' figures (bench/starts.py, bench/storm.py), a third panel: one
+stream alone, the burst of starts and the reconnect storm, each beside its baseline and
+target.
 
     python -m bench.plot [bench/out/load.json]    # redraw from a load run's raw figures
 """
@@ -22,13 +25,28 @@ STYLE = {
 }
 
 
-def plot(results: list[dict], path: Path = PNG, title: str = "") -> Path:
+def plot(
+    results: list[dict], path: Path = PNG, title: str = "", starts: dict | None = None
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 6))
+    if starts and results:
+        fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 6))
+    elif starts:
+        fig, ax3 = plt.subplots(1, 1, figsize=(7, 6))
+    else:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 6))
+    if starts:
+        starts_panel(ax3, starts)
+    if not results:
+        fig.suptitle(title or "Stream starts and the reconnect storm, 2-core box", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
     for kind, (label, color, marker) in STYLE.items():
         rows = sorted((r for r in results if r["kind"] == kind), key=lambda r: r["streams"])
         if not rows:
@@ -95,6 +113,74 @@ def plot(results: list[dict], path: Path = PNG, title: str = "") -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def starts_panel(ax, starts: dict) -> None:
+    """Bars: baseline and Sluice for each start scenario, with the target as a tick."""
+    groups = []  # (label, baseline label, baseline ms, Sluice ms, target ms)
+    if "single" in starts:
+        d = starts["single"]
+        groups.append(
+            (
+                "one stream alone:\nTTFT (median)",
+                "direct",
+                d["direct_ms"],
+                d["sluice_ms"],
+                d["direct_ms"] + 2.0,
+            )
+        )
+    if "burst" in starts:
+        m = starts["burst"]["median"]
+        groups.append(
+            (
+                "burst of 200 starts:\nTTFT p50",
+                "direct",
+                m["direct"]["ttft_p50_ms"],
+                m["sluice"]["ttft_p50_ms"],
+                m["direct"]["ttft_p50_ms"] + 60.0,
+            )
+        )
+    if "storm" in starts:
+        d = starts["storm"]
+        groups.append(
+            (
+                "storm, 300 resumes:\nfirst replayed event p50",
+                "one resume alone",
+                d["alone_ms"],
+                d["first_event_p50_ms"],
+                250.0,
+            )
+        )
+    x = list(range(len(groups)))
+    ax.bar(
+        [i - 0.2 for i in x],
+        [g[2] for g in groups],
+        width=0.4,
+        color="tab:gray",
+        label="baseline, same run (direct; one resume alone)",
+    )
+    ax.bar(
+        [i + 0.2 for i in x], [g[3] for g in groups], width=0.4, color="tab:blue", label="Sluice"
+    )
+    ax.plot(
+        [i + 0.2 for i in x],
+        [g[4] for g in groups],
+        marker="_",
+        markersize=30,
+        color="green",
+        linestyle="none",
+        label="target",
+    )
+    for i, g in enumerate(groups):
+        ax.annotate(f"{g[3]:.1f}", (i + 0.2, g[3]), ha="center", va="bottom", fontsize=8)
+        ax.annotate(f"{g[2]:.1f}", (i - 0.2, g[2]), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x)
+    ax.set_xticklabels([g[0] for g in groups], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (log)")
+    ax.set_title("stream starts and the reconnect storm")
+    ax.grid(True, which="both", axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ run is the simulator's CPU for producing the same tokens. Each scenario runs
 (a one-second scenario on a shared 2-core box varies by ±30 % from run to run). The common design
 (bench/common_design.py) runs the same scenarios under the same gunicorn +
 gevent. Figures print as a Markdown table; ``--write`` appends them to
-bench/RESULTS.md.
+bench/HISTORY.md.
 
     python -m bench.relay_cpu [--write] [--quick] [--sluice-only]
 """
@@ -132,7 +132,7 @@ def run(kinds=("sluice", "sluice0", "sluice50", "common"), quick: bool = False) 
         rows,
     )
     markdown = (
-        "### Relay CPU (2 gevent workers; target ≤ 40 ms / 1k tokens;"
+        "### Relay CPU (2 gevent workers; target ≤ 25 ms / 1k tokens;"
         f" median of {REPEATS} runs)\n\n{table}"
     )
     return {"markdown": markdown, "data": data}
@@ -140,7 +140,7 @@ def run(kinds=("sluice", "sluice0", "sluice50", "common"), quick: bool = False) 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="append to bench/RESULTS.md")
+    parser.add_argument("--write", action="store_true", help="append to bench/HISTORY.md")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sluice-only", action="store_true")
     args = parser.parse_args()
