@@ -283,7 +283,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tries", type=int)
     parser.add_argument("--sluice-only", action="store_true")
-    parser.add_argument("--write", action="store_true", help="append to bench/RESULTS.md")
+    parser.add_argument("--write", action="store_true", help="append to bench/HISTORY.md")
     args = parser.parse_args()
     kinds = ("sluice",) if args.sluice_only else ("sluice", "common")
     result = run(args.quick, args.tries, kinds)

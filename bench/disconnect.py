@@ -153,7 +153,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tries", type=int)
-    parser.add_argument("--write", action="store_true", help="append to bench/RESULTS.md")
+    parser.add_argument("--write", action="store_true", help="append to bench/HISTORY.md")
     args = parser.parse_args()
     result = run(args.quick, args.tries)
     print(result["markdown"])

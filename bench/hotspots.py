@@ -216,7 +216,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=load.TARGET_N)
     parser.add_argument("--duration", type=float, default=15.0)
-    parser.add_argument("--write", action="store_true", help="append to bench/RESULTS.md")
+    parser.add_argument("--write", action="store_true", help="append to bench/HISTORY.md")
     args = parser.parse_args()
     result = run(args.streams, args.duration)
     print(result["markdown"])

@@ -268,7 +268,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float)
     parser.add_argument("--kinds", default="direct,sluice,sluice0,sluice50,common")
     parser.add_argument("--plot", action="store_true", help="write bench/latency.png")
-    parser.add_argument("--write", action="store_true", help="append to bench/RESULTS.md")
+    parser.add_argument("--write", action="store_true", help="append to bench/HISTORY.md")
     args = parser.parse_args()
     levels = tuple(int(x) for x in args.streams.split(",")) if args.streams else None
     result = run(args.quick, tuple(args.kinds.split(",")), levels, args.duration)

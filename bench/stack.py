@@ -54,7 +54,10 @@ __all__ = [
 ]
 
 OUT = ROOT / "bench" / "out"  # raw figures, profiles, logs (git-ignored)
-RESULTS = ROOT / "bench" / "RESULTS.md"
+RESULTS = ROOT / "bench" / "RESULTS.md"  # how to reproduce, and the latest suite
+HISTORY = ROOT / "bench" / "HISTORY.md"  # every earlier suite and single-bench run, oldest first
+# In RESULTS.md, everything after this line is the latest suite (see `write_results`).
+LATEST = "<!-- latest suite: `python -m bench` replaces everything below this line -->"
 
 # Sluice settings for load: limits out of the way (all traffic comes from 127.0.0.1).
 BENCH_ENV = {
@@ -172,9 +175,22 @@ def machine() -> str:
 
 
 def append_results(name: str, markdown: str) -> None:
-    """Append one benchmark's section to bench/RESULTS.md."""
-    with open(RESULTS, "a") as out:
+    """Append one benchmark's section (a single bench run with --write) to bench/HISTORY.md."""
+    with open(HISTORY, "a") as out:
         out.write(f"\n## {name} — {now()} — {machine()}\n\n{markdown}")
+
+
+def write_results(report: str) -> None:
+    """Make `report` the latest suite of bench/RESULTS.md; the one it replaces goes to the
+    end of bench/HISTORY.md (oldest first)."""
+    text = RESULTS.read_text()
+    head, marker, previous = text.partition(LATEST)
+    if not marker:  # no marker: keep the file, add one
+        head, marker, previous = text.rstrip() + "\n\n## Latest suite\n\n", LATEST, ""
+    if previous.strip():
+        with open(HISTORY, "a") as out:
+            out.write("\n" + previous.strip() + "\n")
+    RESULTS.write_text(head + marker + "\n\n" + report.strip() + "\n")
 
 
 def now() -> str:
