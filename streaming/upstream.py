@@ -26,11 +26,15 @@ import httpcore2
 import httpx2
 import openai
 
-from streaming.upstream_net import ChunkedBody, NonYieldingBackend, PacedStream
+from streaming import upstream_net
+from streaming.upstream_net import ChunkedBody, PacedStream
+from streaming.upstream_transport import UpstreamTransport
 
 __all__ = ["Upstream", "UpstreamError", "UpstreamStream"]
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"  # the openai SDK's, when none is set
 
 
 class UpstreamError(Exception):
@@ -59,19 +63,14 @@ class Upstream:
         # Few idle connections: the pool probes every idle socket on each request
         # and release (a poll per socket), which costs more than a new TCP
         # connection once there are hundreds.
-        limits = httpx2.Limits(max_connections=None, max_keepalive_connections=20)
-        self.transport = httpx2.HTTPTransport(limits=limits)
-        # The same pool with a backend whose idle-connection checks do not yield to
-        # gevent (see streaming.upstream_net). httpx takes no backend argument, so
-        # its pool is replaced by an identical one built with the backend.
-        self.network = NonYieldingBackend()
-        self.transport._pool = httpcore2.ConnectionPool(
-            ssl_context=httpx2.create_ssl_context(),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=self.network,
+        # The transport (see streaming.upstream_transport): httpx's documented custom
+        # transport over an httpcore pool with our network backend, whose idle-connection
+        # checks do not yield to gevent (streaming.upstream_net); it applies the
+        # environment's proxies (HTTPS_PROXY, NO_PROXY, ...) itself.
+        self.transport = UpstreamTransport(
+            base_url or DEFAULT_BASE_URL, max_keepalive_connections=20
         )
+        self.network = self.transport.network
         self.client = openai.OpenAI(
             base_url=base_url,
             api_key=api_key,
@@ -140,7 +139,8 @@ class UpstreamStream:
         headers = response.headers
         head = self._network.head if self._network is not None else None
         if (
-            head is not None
+            upstream_net.READ_BODY_PAST_H11
+            and head is not None
             and head[9:12] == b"%d" % response.status_code  # this response's head (not a 1xx)
             and response.http_version == "HTTP/1.1"
             and headers.get("transfer-encoding", "").lower() == "chunked"

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from streaming import upstream_net
 from streaming.upstream import Upstream
 from streaming.upstream_net import socket_readable
 from tests.harness import ROOT
@@ -17,14 +18,16 @@ pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 # In a gevent-patched process: does the check let another greenlet run (i.e. yield)?
 _YIELDS = """
 from gevent import monkey; monkey.patch_all()
-import socket, sys, gevent
-from httpcore2._utils import is_socket_readable
-from streaming.upstream_net import socket_readable
-check = {"ours": socket_readable, "httpcore": is_socket_readable}[sys.argv[1]]
-a, b = socket.socketpair()
+import socket, sys, gevent, httpcore2
+from streaming.upstream_net import NonYieldingBackend
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen()
+backend = {"ours": NonYieldingBackend(), "httpcore": httpcore2.SyncBackend()}[sys.argv[1]]
+stream = backend.connect_tcp("127.0.0.1", server.getsockname()[1])
 ran = []
 gevent.spawn(ran.append, 1)
-readable = check(a)
+readable = stream.get_extra_info("is_readable")  # httpcore's idle-connection check
 print(f"{bool(ran)} {readable}")
 """
 
@@ -70,5 +73,25 @@ def test_the_sdk_client_uses_the_backend_and_reuses_connections(simulator):
             assert "".join(stream.iter_text())
             stream.close()
         assert upstream.network.connections == 1  # opened through it once, then pooled
+    finally:
+        upstream.close()
+
+
+@pytest.mark.parametrize("past_h11", [True, False])
+def test_bodies_read_past_h11_or_through_it_give_the_same_text(simulator, monkeypatch, past_h11):
+    # READ_BODY_PAST_H11 is the switch back to h11 (streaming.upstream_net): both paths work
+    monkeypatch.setattr(upstream_net, "READ_BODY_PAST_H11", past_h11)
+    upstream = Upstream(simulator.v1, "sk-test", 10)
+    try:
+        texts = []
+        for _ in range(2):
+            stream = upstream.open(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "same sim:tokens=30"}]
+            )
+            assert (stream._body is not None) is past_h11
+            texts.append("".join(stream.iter_text()))
+            stream.close()
+        assert texts[0] == texts[1] and len(texts[0]) > 100
+        assert upstream.network.connections == 1  # the connection was pooled either way
     finally:
         upstream.close()
