@@ -13,6 +13,7 @@ with its own real processes on 127.0.0.1 and each bounded in time:
 - single  bench/starts.py      one stream alone: added TTFT over direct (median of 15)
 - burst   bench/starts.py      200 streams started at the same instant, Sluice vs direct
 - storm   bench/storm.py       300 detached generations on server A, 300 resumes at once on B
+- soak    bench/soak.py        waves of cancelled streams and dropped slow readers: RSS per wave
 - hotspots bench/hotspots.py   py-spy profile of the workers when a load target is missed
                                (and a tracemalloc probe when the memory target is missed)
 
@@ -38,6 +39,7 @@ from bench.stack import OUT, RESULTS, ROOT, machine, md_table, now, raise_nofile
 
 STEPS = ("relay", "load", "cancel", "disconnect", "memory")
 STEPS += ("startcpu", "single", "burst", "storm")  # issue 14: stream starts, reconnect storm
+STEPS += ("soak",)  # issue 15: stopped streams are freed (worker RSS flat across waves)
 STEPS += ("hotspots",)
 RELAY_TARGET_MS = 25  # ms of worker CPU per 1,000 relayed tokens (issue 14; was 40)
 MEMORY_TARGET_KB = 40  # per idle stream (issue 14; was 64)
@@ -183,6 +185,16 @@ def targets(results: dict) -> tuple[str, list[str]]:
                     errors == 0 and d["log_problems"] == 0 and holder["ready"] == level,
                 )
     start_rows(results, add)
+    soak = results.get("soak")
+    if soak:
+        d = soak["data"]
+        add(
+            "soak: worker RSS, waves 2+ over wave 1",
+            "≤ 24 MiB (flat)",
+            f"{d['after_wave1_mib']:+.1f} MiB",
+            f"wave 1 {d['wave1_added_mib']:+.1f} MiB over the warmed-up workers",
+            d["flat"],
+        )
     table = md_table(["figure", "target", "Sluice", "baseline (same run)", "verdict"], rows)
     return table, missed
 
@@ -330,6 +342,9 @@ def main() -> int:
     step("single", lambda: starts.run_single(args.quick))
     step("burst", lambda: starts.run_burst(args.quick))
     step("storm", lambda: storm.run(args.quick))
+    from bench import soak
+
+    step("soak", lambda: soak.run(args.quick))
     if {"single", "burst", "storm"} & results.keys():  # redraw the plot with their panel
         loaded = "load" in results and not (args.quick or args.no_write)
         OUT.mkdir(exist_ok=True)
