@@ -19,7 +19,8 @@ events equal to what the simulator produced for that prompt
 (`streaming.simulator.tokens_for`, the simulator's own function). Reported
 per run: resumes complete and intact, lost (gaps, missing or wrong text),
 HTTP errors by status, first replayed event (connect -> first event frame)
-p50/p99, time to the last ``done``, and Redis connections per worker.
+p50/p99, time to the last ``done``, B's worker CPU per resume (its replay and
+following it to ``done``), and Redis connections per worker.
 
 Baseline in the same run: `ALONE` resumes one at a time on B of a
 generation running on A (first replayed event, median), and the pool bound
@@ -48,7 +49,7 @@ import time
 
 import redis
 
-from bench.stack import OUT, Stack, md_table, pct, wait_sim_idle
+from bench.stack import OUT, Stack, cpu_seconds, md_table, pct, wait_sim_idle
 from streaming.simulator import tokens_for
 
 __all__ = ["run"]
@@ -350,7 +351,10 @@ def storm_run(a, b, sampler: ConnSampler, n: int, run_no: int) -> dict:
     posts, ids = _start(a.port, tags)
     started_s = time.perf_counter() - t0
     resumes = [Flight(b.port, _resume(b.port, ids[tag]), tag) for tag in tags if tag in ids]
+    b_pids = sampler.servers["B"]
+    cpu0 = cpu_seconds(b_pids)
     fly(resumes, RUN_TIMEOUT)
+    b_cpu_ms = (cpu_seconds(b_pids) - cpu0) * 1000 / max(1, len(resumes))
     verdicts: dict[str, int] = {}
     for f in resumes:
         v = f.verdict()
@@ -377,6 +381,7 @@ def storm_run(a, b, sampler: ConnSampler, n: int, run_no: int) -> dict:
         "first_event_p50_ms": pct(first, 50),
         "first_event_p99_ms": pct(first, 99),
         "last_done_s": last_done,
+        "b_cpu_ms_per_resume": b_cpu_ms,
     }
 
 
@@ -451,6 +456,7 @@ def report(results: list[dict], baseline: list[float], idle: dict, bound, n: int
                 ", ".join(f"{k} × {v}" for k, v in sorted(other.items())) or "–",
                 f"{r['first_event_p50_ms']:.0f} / {r['first_event_p99_ms']:.0f}",
                 f"{r['last_done_s']:.1f}",
+                f"{r['b_cpu_ms_per_resume']:.1f}",
                 f"{r['redis_conns_max_per_worker']['B']} ({r['redis_conns_max_total']['B']})",
                 f"{r['redis_conns_max_per_worker']['A']} ({r['redis_conns_max_total']['A']})",
             ]
@@ -466,6 +472,7 @@ def report(results: list[dict], baseline: list[float], idle: dict, bound, n: int
             "other failures",
             "first replayed event p50 / p99 ms",
             "last done after s",
+            "B worker CPU ms per resume (replay + follow to done)",
             "Redis conns, most per worker of B (all of B)",
             "same, A",
         ],
