@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -268,3 +269,107 @@ def test_gunicorn_down_is_a_json_503():
     assert headers["content-type"] == "application/json"
     assert headers["retry-after"] == "5"
     assert body["error"]["code"] == "internal_error"
+
+
+STREAM_HEAD = (
+    b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+)
+MALFORMED = [
+    ("bad request line", b"GARBAGE\r\n\r\n", 400, "invalid_request"),
+    ("bad method", b"G\x01T / HTTP/1.1\r\nHost: x\r\n\r\n", 400, "invalid_request"),
+    ("no Host", b"GET / HTTP/1.1\r\n\r\n", 400, "invalid_request"),
+    ("two Hosts", b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400, "invalid_request"),
+    (
+        "bad header",
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\x01: y\r\n\r\n",
+        400,
+        "invalid_request",
+    ),
+    (
+        "headers too large",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n",
+        400,
+        "invalid_request",
+    ),
+    (
+        "URI too long",
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        414,
+        "invalid_request",
+    ),
+    ("TRACE", b"TRACE / HTTP/1.1\r\nHost: x\r\n\r\n", 405, "method_not_allowed"),
+    ("HTTP/2.0 on the plain port", b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505, "invalid_request"),
+    (
+        "bad chunk size",
+        STREAM_HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
+        400,
+        "invalid_request",
+    ),
+    (
+        "19-hex-digit chunk size",
+        STREAM_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + b"F" * 19 + b"\r\n{}",
+        400,
+        "invalid_request",
+    ),
+    (
+        "Content-Length and chunked",
+        STREAM_HEAD + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+        "invalid_request",
+    ),
+    (
+        "Transfer-Encoding gzip",
+        STREAM_HEAD + b"Transfer-Encoding: gzip\r\n\r\n",
+        501,
+        "invalid_request",
+    ),
+    (
+        "the internal error paths from outside",
+        b"GET /_sluice_error/400 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        404,
+        "not_found",
+    ),
+]
+
+
+def raw_exchange(port: int, raw: bytes, timeout: float = 30.0) -> tuple[int, dict, bytes, float]:
+    """Send `raw` on a new connection and read the answer to its end (nginx closes after an
+    error); status, lower-cased headers, body, seconds to the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        started = time.monotonic()
+        conn.sendall(raw)
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    took = time.monotonic() - started
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body, took
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "code"), [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED]
+)
+def test_nginx_own_errors_are_typed_json(nginx, raw, status, code):
+    got, headers, body, took = raw_exchange(nginx.port, raw)
+    assert got == status, body
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body)["error"]["code"] == code
+    assert took < 5
+
+
+def test_a_stalled_body_through_nginx_is_dropped_at_client_body_timeout(nginx):
+    # nginx never answers its own timeouts (ngx_http_finalize_request terminates a 408):
+    # with reset_timedout_connection the client gets a reset after client_body_timeout
+    raw = STREAM_HEAD + b"Content-Length: 100\r\n\r\n{"
+    with socket.create_connection(("127.0.0.1", nginx.port), timeout=30) as conn:
+        started = time.monotonic()
+        conn.sendall(raw)
+        try:
+            data = conn.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        took = time.monotonic() - started
+    assert data == b""
+    assert 9 < took < 15  # client_body_timeout 10s
