@@ -22,7 +22,7 @@ and later add on top of wave 1 (allocator arenas warm up in wave 1) stays within
 `FLAT_MIB`, whereas pinned generations would add about as much as wave 1 did
 every wave.
 
-    python -m bench.soak [--quick] [--waves N] [--write]
+    python -m bench.soak [--quick] [--waves N] [--cancels N] [--readers N] [--write]
 """
 
 from __future__ import annotations
@@ -114,10 +114,16 @@ def _rss(pids: list[int]) -> int:
     return int(statistics.median(values))
 
 
-def run(quick: bool = False, waves: int | None = None) -> dict:
+def run(
+    quick: bool = False,
+    waves: int | None = None,
+    cancels: int | None = None,
+    readers: int | None = None,
+) -> dict:
     waves = waves or (3 if quick else 5)
     # a slow reader costs ~1M relayed tokens (its socket buffers fill first): few of them
-    cancels, readers = (10, 4) if quick else (20, 10)
+    cancels = cancels or (10 if quick else 20)
+    readers = readers or (4 if quick else 10)
     data: dict = {"waves": [], "cancels": cancels, "readers": readers}
     with Stack() as stack:
         redis_server = stack.redis()
@@ -188,9 +194,11 @@ def main() -> int:
     parser = argparse.ArgumentParser("python -m bench.soak", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--waves", type=int)
+    parser.add_argument("--cancels", type=int, help="cancelled streams per wave")
+    parser.add_argument("--readers", type=int, help="slow readers per wave")
     parser.add_argument("--write", action="store_true", help="append to bench/RESULTS.md")
     args = parser.parse_args()
-    result = run(args.quick, args.waves)
+    result = run(args.quick, args.waves, args.cancels, args.readers)
     print(result["markdown"])
     if args.write:
         append_results("Soak", result["markdown"])
