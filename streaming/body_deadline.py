@@ -70,6 +70,11 @@ class DeadlineInput:
         except gevent.Timeout as exc:
             if exc is not timer:
                 raise
+            # A timeout (a BaseException) escapes gunicorn's own bookkeeping: mark its body
+            # failed as its parse errors do, so the connection closes after our answer
+            # instead of draining the rest of a body that is not coming.
+            if hasattr(self._stream, "failed"):
+                self._stream.failed = True
             raise self._too_slow() from None
         except OSError as exc:  # the client went away mid-body (gunicorn's NoMoreData)
             logger.info("request body ended early: %s", exc.__class__.__name__)
