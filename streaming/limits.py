@@ -1,27 +1,29 @@
-"""Per-client protections: flask-limiter rate limits and concurrency slots, both in Redis.
+"""Per-client protections: rate limits and concurrency slots, both in Redis.
 
-Rate limits (flask-limiter, storage: the app's own Redis pool, never memory://
-across workers): ``RATE_LIMIT_DEFAULT`` is one budget per client IP shared by
-every /api and /v1 route; ``RATE_LIMIT_STREAM`` is a second budget for starting
-generations. Refusals are 429 ``rate_limited`` with ``Retry-After`` and
-``X-RateLimit-*`` headers. Answers that pass carry no such headers: reading
-the window for them costs two more Redis round trips (GET + TTL) per request,
-a fifth of the CPU of starting a stream; the refusal is where a client needs
-them.
+Rate limits: ``RATE_LIMIT_DEFAULT`` is one budget per client IP shared by
+every /api and /v1 route; ``RATE_LIMIT_STREAM`` is a second budget for
+starting generations. Each is one or more fixed windows (``10/minute``,
+``100/minute;1000/hour``), counted in Redis so that every worker and host
+agrees. Refusals are 429 ``rate_limited`` with ``Retry-After`` and
+``X-RateLimit-*`` headers. Answers that pass carry no such headers: the
+refusal is where a client needs them.
 
-Starting a generation counts against both budgets, and pays one Redis round
-trip for both: `stream_limit` hits the default budget's and the stream
-budget's counters (the same fixed-window keys, under the same names, that
-flask-limiter uses for the default budget on every other route) in one Lua
-call, and flask-limiter skips those routes (a documented request filter).
-Through flask-limiter the two limits were two round trips and a fifth of a
-start's CPU. Like flask-limiter, every limit is counted and any one exceeded
-refuses.
+One Lua call per request, before anything else of the request runs (an
+app-level hook: a request that fails authentication counts too): it counts
+every window that applies (both budgets for a generation start) and returns
+each count and the window's remaining TTL. The keys and windows are those
+flask-limiter used (``sluice:rl:LIMITER/<ip>/<scope>/<amount>/<n>/<unit>``,
+fixed windows as in its ``incr_expire.lua``), so counters carry over a
+deploy. flask-limiter itself is no longer in the request path: it took two
+round trips for a stream start and, for every request, more CPU in its own
+bookkeeping than the Redis call (a fifth of a resume's worker CPU in a
+reconnect storm, its limit keys' string building alone 6 %).
 
-Redis down: the limiter falls back to per-worker in-memory counters (and
-swallows storage errors) instead of answering 500; so does `stream_limit`.
-Routes that need Redis answer 503 ``redis_unavailable`` on their own, and
-/health, /ready, /metrics and the page are never rate limited.
+Redis down: the count falls back to per-worker in-memory windows (the
+`limits` library's ``MemoryStorage``) for `COOLDOWN` seconds instead of
+answering 500 or waiting on a dead server for every request; routes that
+need Redis answer 503 ``redis_unavailable`` on their own, and /health,
+/ready, /metrics and the page are never rate limited.
 
 Concurrency slots (``MAX_CONCURRENT_STREAMS``) are in `streaming.slots`.
 """
@@ -35,38 +37,21 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from flask import Flask, Response, current_app, request
-from flask_limiter import Limiter, RateLimitExceeded
+from flask import Blueprint, Flask, current_app, request
 from limits import RateLimitItem, parse_many
 from limits.storage import MemoryStorage
 from limits.strategies import FixedWindowRateLimiter
 
-from streaming import metrics
 from streaming.core import sluice
-from streaming.errors import ApiError, error_response
+from streaming.errors import ApiError
 
-__all__ = ["default_limit", "init_limits", "limiter", "stream_limit"]
+__all__ = ["KEY_PREFIX", "client_ip", "default_limit", "init_limits", "stream_limit"]
 
 logger = logging.getLogger(__name__)
 
-
-def client_ip() -> str:
-    return request.remote_addr or "unknown"
-
-
-limiter = Limiter(
-    key_func=client_ip,
-    headers_enabled=False,  # on refusals only: see `_refused`
-    swallow_errors=True,
-    in_memory_fallback_enabled=True,
-)
-
 KEY_PREFIX = "sluice:rl"
 DEFAULT_SCOPE, STREAM_SCOPE = "api", "stream"
-
-default_limit = limiter.shared_limit(
-    lambda: sluice().settings.rate_limit_default, scope=DEFAULT_SCOPE
-)
+COOLDOWN = 2.0  # seconds counted in memory after Redis failed
 
 # Fixed windows, as limits' own incr_expire.lua, for every key at once. ARGV: each key's
 # window in seconds. Returns each key's count and TTL.
@@ -81,93 +66,91 @@ end
 return out
 """
 
-_views: set[Callable[..., Any]] = set()  # the views `stream_limit` counts for
-_memory = FixedWindowRateLimiter(MemoryStorage())  # fallback while Redis is away
+_limited: set[str] = set()  # blueprints counted against the default budget
+_starts: set[Callable[..., Any]] = set()  # views counted against both budgets
+
+
+def client_ip() -> str:
+    return request.remote_addr or "unknown"
+
+
+def default_limit(bp: Blueprint) -> Blueprint:
+    """Count every request to `bp`'s routes against the default budget."""
+    _limited.add(bp.name)
+    return bp
 
 
 def stream_limit(view: Callable[..., Any]) -> Callable[..., Any]:
-    """Count a generation start against both budgets, in one Redis round trip."""
-
-    @functools.wraps(view)
-    def limited(*args: Any, **kwargs: Any) -> Any:
-        _check_start()
-        return view(*args, **kwargs)
-
-    _views.add(limited)
-    return limited
+    """Count requests to this view (a generation start) against both budgets."""
+    _starts.add(view)
+    return view
 
 
-@limiter.request_filter
-def _counted_by_stream_limit() -> bool:
-    return current_app.view_functions.get(request.endpoint or "") in _views
+class _Counter:
+    """One app's counting: its Lua script, and the in-memory fallback while Redis is away."""
+
+    def __init__(self, redis_client: redis.Redis):
+        self.hit = redis_client.register_script(_HIT)
+        self.memory = FixedWindowRateLimiter(MemoryStorage())
+        self.down_until = 0.0
+
+    def count(
+        self, ip: str, windows: tuple[tuple[RateLimitItem, str, str], ...]
+    ) -> list[tuple[RateLimitItem, bool, int]]:
+        """Count one request in each window: (item, over its amount, seconds left or 0)."""
+        if time.monotonic() >= self.down_until:
+            keys, expiries = [w[2] for w in windows], [w[0].get_expiry() for w in windows]
+            try:
+                out = self.hit(keys=keys, args=expiries)
+            except redis.RedisError as exc:
+                logger.warning("rate limits counted in memory for %.0f s: %s", COOLDOWN, exc)
+                self.down_until = time.monotonic() + COOLDOWN
+            else:
+                return [
+                    (item, out[2 * i] > item.amount, out[2 * i + 1])
+                    for i, (item, _, _) in enumerate(windows)
+                ]
+        return [(item, not self.memory.hit(item, ip, scope), 0) for item, scope, _ in windows]
 
 
 @functools.lru_cache(maxsize=8)
-def _items(default: str, stream: str) -> tuple[tuple[RateLimitItem, str], ...]:
-    return tuple(
-        [(item, DEFAULT_SCOPE) for item in parse_many(default)]
-        + [(item, STREAM_SCOPE) for item in parse_many(stream)]
-    )
+def _items(spec: str, scope: str) -> tuple[tuple[RateLimitItem, str], ...]:
+    return tuple((item, scope) for item in parse_many(spec))
 
 
-def _check_start() -> None:
-    settings = sluice().settings
-    items = _items(settings.rate_limit_default, settings.rate_limit_stream)
-    ip = client_ip()
-    keys = [f"{KEY_PREFIX}:{item.key_for(ip, scope)}" for item, scope in items]
-    try:
-        out = current_app.extensions["sluice_limits"](
-            keys=keys, args=[item.get_expiry() for item, _ in items]
-        )
-    except redis.RedisError as exc:
-        logger.warning("rate limit storage unreachable, counting in memory: %s", exc)
-        counted = [(item, _memory.hit(item, ip, scope)) for item, scope in items]
-        for item, ok in counted:
-            if not ok:
-                raise _refusal(item, item.get_expiry()) from None
+@functools.lru_cache(maxsize=4096)
+def _windows(
+    ip: str, default: str, stream: str | None
+) -> tuple[tuple[RateLimitItem, str, str], ...]:
+    """Each window of this client: (item, scope, Redis key); the keys as flask-limiter's."""
+    items = _items(default, DEFAULT_SCOPE) + (_items(stream, STREAM_SCOPE) if stream else ())
+    return tuple((item, scope, f"{KEY_PREFIX}:{item.key_for(ip, scope)}") for item, scope in items)
+
+
+def _count() -> None:
+    """The app-level hook: count this request, refuse it past any of its windows."""
+    if request.blueprint not in _limited:
         return
-    for i, (item, _) in enumerate(items):
-        count, ttl = out[2 * i], out[2 * i + 1]
-        if count > item.amount:
-            raise _refusal(item, ttl if ttl > 0 else item.get_expiry())
-
-
-def _refusal(item: RateLimitItem, ttl: int) -> ApiError:
-    headers = {
-        "Retry-After": str(max(1, ttl)),
-        "X-RateLimit-Limit": str(item.amount),
-        "X-RateLimit-Remaining": "0",
-        "X-RateLimit-Reset": str(int(time.time()) + max(1, ttl)),
-    }
-    return ApiError(429, "rate_limited", f"Rate limit exceeded ({item}); retry later.", headers)
+    settings = sluice().settings
+    start = current_app.view_functions.get(request.endpoint or "") in _starts
+    ip = client_ip()
+    windows = _windows(
+        ip, settings.rate_limit_default, settings.rate_limit_stream if start else None
+    )
+    for item, over, ttl in current_app.extensions["sluice_limits"].count(ip, windows):
+        if over:
+            wait = max(1, ttl if ttl > 0 else item.get_expiry())
+            headers = {
+                "Retry-After": str(wait),
+                "X-RateLimit-Limit": str(item.amount),
+                "X-RateLimit-Remaining": "0",
+                "X-RateLimit-Reset": str(int(time.time()) + wait),
+            }
+            raise ApiError(
+                429, "rate_limited", f"Rate limit exceeded ({item}); retry later.", headers
+            )
 
 
 def init_limits(app: Flask, redis_client: redis.Redis) -> None:
-    app.config["RATELIMIT_STORAGE_URI"] = "redis://"
-    app.config["RATELIMIT_STORAGE_OPTIONS"] = {
-        "connection_pool": redis_client.connection_pool,
-        "key_prefix": KEY_PREFIX,
-    }
-    limiter.init_app(app)
-    app.register_error_handler(RateLimitExceeded, _refused)
-    app.extensions["sluice_limits"] = redis_client.register_script(_HIT)
-
-
-def _refused(exc: RateLimitExceeded) -> Response:
-    metrics.LIMIT_REJECTIONS.labels("rate_limited").inc()
-    headers = {}
-    breached = limiter.current_limit
-    if breached is not None:
-        try:
-            reset_at, remaining = breached.reset_at, breached.remaining
-        except Exception as err:  # the window could not be read (Redis away): no hint
-            logger.debug("rate limit window unavailable: %s", err)
-        else:
-            headers = {
-                "Retry-After": str(max(1, int(reset_at - time.time()))),
-                "X-RateLimit-Limit": str(breached.limit.amount),
-                "X-RateLimit-Remaining": str(remaining),
-                "X-RateLimit-Reset": str(reset_at),
-            }
-    message = f"Rate limit exceeded ({exc.description}); retry later."
-    return error_response(429, "rate_limited", message, headers)
+    app.extensions["sluice_limits"] = _Counter(redis_client)
+    app.before_request(_count)
