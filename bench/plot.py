@@ -144,7 +144,7 @@ def starts_panel(ax, starts: dict) -> None:
         d = starts["storm"]
         groups.append(
             (
-                "storm, 300 resumes:\nfirst replayed event p50",
+                f"storm, {d.get('streams', 300)} resumes:\nfirst replayed event p50",
                 "one resume alone",
                 d["alone_ms"],
                 d["first_event_p50_ms"],
