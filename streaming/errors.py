@@ -1,7 +1,11 @@
 """The one JSON error shape of the API, and the handlers that guarantee it.
 
 Every error response is ``{"error": {"code": "...", "message": "..."}}`` with
-its HTTP status; no HTML page, no stack trace, on any route.
+its HTTP status; no HTML page, no stack trace, on any route. A 4xx without a
+code of its own (416 for a ``Range`` on the page, 408, ...) is
+``invalid_request``, never ``internal_error``; an error status that a view or
+werkzeug produced with another body (the page's 412 for a failed ``If-Match``)
+is replaced by the JSON shape on its way out.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import logging
 import redis
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.http import HTTP_STATUS_CODES
 
 from streaming import metrics
 from streaming.exceptions import NotFound, SessionBusy, StreamingError, TooManyStreams
@@ -30,6 +35,13 @@ _HTTP_CODES = {
     415: ("unsupported_media_type", "The body must be application/json."),
     429: ("rate_limited", "Too many requests."),
 }
+
+
+def _code_for(status: int) -> tuple[str, str | None]:
+    """The API code (and fixed message, if any) of an HTTP error status."""
+    if status in _HTTP_CODES:
+        return _HTTP_CODES[status]
+    return ("invalid_request", None) if 400 <= status < 500 else ("internal_error", None)
 
 
 class ApiError(Exception):
@@ -71,12 +83,22 @@ def install_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
-        code, message = _HTTP_CODES.get(status, ("internal_error", None))
+        code, message = _code_for(status)
         if status == 400 and message is None:
             message = "The request could not be understood."
         headers = dict(exc.get_headers()) if status == 405 else {}
         headers.pop("Content-Type", None)
         return error_response(status, code, message or exc.name, headers)
+
+    @app.after_request
+    def _json_errors_only(response: Response) -> Response:
+        # Registered first, so it runs last. E.g. werkzeug's conditional answer to
+        # a failed If-Match on the page keeps the page as the body of its 412.
+        status = response.status_code
+        if status < 400 or response.mimetype == "application/json":
+            return response
+        code, message = _code_for(status)
+        return error_response(status, code, message or HTTP_STATUS_CODES.get(status, "Error."))
 
     @app.errorhandler(redis.RedisError)
     def _redis_down(exc: redis.RedisError) -> Response:
