@@ -109,3 +109,4 @@ class Upkeep:
             for gen in list(self.local.values()):
                 if gen.last_read < deadline:
                     gen.upstream_silent()
+            gen = None  # the loop variable would keep the last one alive while we sleep

@@ -41,11 +41,5 @@ def test_finished_generations_are_freed_without_a_garbage_collection(redis_serve
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [r["reason"] for r in results] == list(PATHS.values()), results
-    # the silence watchdog's loop variable (Upkeep.watchdog, formerly
-    # StreamManager._watchdog) keeps the last generation it checked until it checks
-    # another one (at most one per worker, in no cycle; reported with issue 15):
-    # tolerated only when it was the sole holder and let go once the watchdog moved on
-    pinned = [
-        r for r in results if not r["freed"] and not r.get("freed_once_the_watchdog_moved_on")
-    ]
+    pinned = [r for r in results if not r["freed"]]  # nothing may hold a finished one
     assert not pinned, json.dumps(pinned, indent=1)
