@@ -219,7 +219,7 @@ def start_rows(results: dict, add) -> None:
     if single:
         d = single["data"]
         add(
-            "one stream alone: added TTFT (median of 15)",
+            f"one stream alone: added TTFT (median of {d.get('tries', 15)})",
             f"≤ {starts.TARGET_SINGLE_MS:g} ms",
             f"{d['added_ms']:+.2f} ms (TTFT {d['sluice_ms']:.2f} ms)",
             f"direct {d['direct_ms']:.2f} ms",

@@ -253,7 +253,13 @@ def run_single(quick: bool = False) -> dict:
     )
     return {
         "markdown": markdown,
-        "data": {"direct_ms": direct, "sluice_ms": sluice_, "added_ms": added, "raw": ms},
+        "data": {
+            "direct_ms": direct,
+            "sluice_ms": sluice_,
+            "added_ms": added,
+            "tries": tries,
+            "raw": ms,
+        },
     }
 
 
