@@ -77,7 +77,7 @@ COSTS = [
     ("JSON decode (upstream chunks)", "json/decoder.py"),
     ("JSON encode (SSE events)", "json/encoder.py"),
     ("redis-py (every Redis call: start, flusher, end)", "redis/"),
-    ("flask-limiter (two limits per stream start)", "flask_limiter/"),
+    ("rate limits (one Lua call per request, streaming/limits.py)", "streaming/limits.py"),
     ("openai SDK (request building, response wrapping)", "openai/"),
     ("gunicorn response writing (chunked framing)", "gunicorn/http/wsgi.py"),
     ("logging (JSON lines)", "logging/"),

@@ -289,7 +289,7 @@ PARTS = [
     ),
     (
         "request parsing and stream start (gunicorn, Flask, limiter, registry)",
-        ("StreamManager.start", "flask_limiter", "gunicorn/", "werkzeug/", "flask/"),
+        ("StreamManager.start", "streaming/limits.py", "gunicorn/", "werkzeug/", "flask/"),
     ),
     ("the Generation object (events, text)", ("streaming/generation.py",)),
     ("gevent internals (hub, watchers)", ("gevent/",)),
