@@ -77,7 +77,7 @@ COSTS = [
     ("JSON decode (upstream chunks)", "json/decoder.py"),
     ("JSON encode (SSE events)", "json/encoder.py"),
     ("redis-py (every Redis call: start, flusher, end)", "redis/"),
-    ("rate limits (one Lua call per request, streaming/limits.py)", "streaming/limits.py"),
+    ("rate limits (flask-limiter)", "flask_limiter/"),
     ("openai SDK (request building, response wrapping)", "openai/"),
     ("gunicorn response writing (chunked framing)", "gunicorn/http/wsgi.py"),
     ("logging (JSON lines)", "logging/"),
