@@ -15,15 +15,16 @@ from redis.retry import Retry
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config.settings import Settings, load_settings
-from streaming import api, metrics, openai_compat, ops, sessions_api
-from streaming.body_deadline import BodyDeadline
-from streaming.core import Sluice
-from streaming.errors import install_error_handlers
-from streaming.limits import init_limits
+from streaming import metrics
+from streaming.core.manager import StreamManager
 from streaming.logs import configure_logging, install_request_log
-from streaming.manager import StreamManager
 from streaming.redis_conn import connect
-from streaming.upstream import Upstream
+from streaming.upstream.client import Upstream
+from streaming.web import api, openai_compat, ops, sessions_api
+from streaming.web.body_deadline import BodyDeadline
+from streaming.web.context import Sluice
+from streaming.web.errors import install_error_handlers
+from streaming.web.limits import init_limits
 
 __all__ = ["create_app"]
 

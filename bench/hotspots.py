@@ -49,7 +49,7 @@ STAGES = [
     (
         "reading + parsing upstream chunks (httpx2/httpcore2/h11 reads, _parse)",
         (
-            "iter_text (streaming/upstream.py",
+            "iter_text (streaming/upstream/client.py",
             "_receive_response_body",
             "HTTP11ConnectionByteStream",
             "Generation.run",
@@ -57,7 +57,7 @@ STAGES = [
     ),
     (
         "writing SSE frames to clients (follower, werkzeug, gunicorn chunked write)",
-        ("Body.__next__", "frames (streaming/follow.py", "write_chunk", "handle_request"),
+        ("Body.__next__", "frames (streaming/core/follow.py", "write_chunk", "handle_request"),
     ),
     ("event-log flusher (XADD batches to Redis)", ("EventLog.flush",)),
     ("registry tick / cancel listener", ("StreamManager._tick", "StreamManager._listen")),

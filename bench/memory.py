@@ -289,9 +289,9 @@ PARTS = [
     ),
     (
         "request parsing and stream start (gunicorn, Flask, limiter, registry)",
-        ("StreamManager.start", "streaming/limits.py", "gunicorn/", "werkzeug/", "flask/"),
+        ("StreamManager.start", "streaming/web/limits.py", "gunicorn/", "werkzeug/", "flask/"),
     ),
-    ("the Generation object (events, text)", ("streaming/generation.py",)),
+    ("the Generation object (events, text)", ("streaming/core/generation.py",)),
     ("gevent internals (hub, watchers)", ("gevent/",)),
 ]
 _FUNCS: dict[str, list[tuple[int, int, str]]] = {}

@@ -36,7 +36,7 @@ import time
 
 from bench.client import Conn, delete_request, post_request
 from bench.stack import Stack, append_results, md_table, rss_bytes, sim_stats, wait_sim_idle
-from tests.harness import wait_for
+from devtools.harness import wait_for
 
 __all__ = ["run"]
 

@@ -1,7 +1,7 @@
 """Shared pieces of the benchmark suite: the processes under test, /proc readings, statistics.
 
 Every process is a real one, started with the test harness's helpers
-(``tests/harness.py``): a redis-server on a free port, the simulator, gunicorn
+(``devtools/harness.py``): a redis-server on a free port, the simulator, gunicorn
 with gevent workers running Sluice (``app:app``) or the common design
 (``bench.common_design:app``). `Stack` starts them and stops them all, in
 reverse order, even when a benchmark fails. Only 127.0.0.1 is used.
@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import tests.harness  # noqa: E402
-from tests.harness import (  # noqa: E402
+import devtools.harness  # noqa: E402
+from devtools.harness import (  # noqa: E402
     VENV_BIN,
     RedisServer,
     Simulator,
@@ -104,7 +104,7 @@ def workers_of_connections(
     worker_pids: list[int], server_port: int, client_ports: list[int]
 ) -> dict[int, int]:
     """Which of `worker_pids` accepted each of our connections (client port -> pid); ports
-    not accepted yet are missing. Like tests/harness.py's worker_of_connection, but reads
+    not accepted yet are missing. Like devtools/harness.py's worker_of_connection, but reads
     /proc directly and for several connections at once (psutil takes ~30 ms a call here)."""
     wanted = set(client_ports)
     inodes: dict[str, int] = {}
@@ -232,7 +232,7 @@ class CommonServer(Sluice):
             stderr=subprocess.STDOUT,
             start_new_session=True,
             # like the harness's servers: die with the process that started them
-            preexec_fn=getattr(tests.harness, "_die_with_parent", None),
+            preexec_fn=getattr(devtools.harness, "_die_with_parent", None),
         )
         wait_for(self._all_workers_up, timeout=30, what="common design workers")
         return self

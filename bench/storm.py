@@ -16,7 +16,7 @@ and one simulator. Each run:
 Checked for every resume: HTTP 200, event ids exactly 1..done (no gap, no
 duplicate), ``done`` with reason ``stop``, and the text of its ``token``
 events equal to what the simulator produced for that prompt
-(`streaming.simulator.tokens_for`, the simulator's own function). Reported
+(`devtools.simulator.tokens_for`, the simulator's own function). Reported
 per run: resumes complete and intact, lost (gaps, missing or wrong text),
 HTTP errors by status, first replayed event (connect -> first event frame)
 p50/p99, time to the last ``done``, B's worker CPU per resume (its replay and
@@ -50,7 +50,7 @@ import time
 import redis
 
 from bench.stack import OUT, Stack, cpu_seconds, md_table, pct, wait_sim_idle
-from streaming.simulator import tokens_for
+from devtools.simulator import tokens_for
 
 __all__ = ["run"]
 

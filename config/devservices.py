@@ -101,7 +101,7 @@ def start_redis() -> str:
 def start_simulator() -> str:
     """Start the bundled OpenAI-compatible simulator; returns its /v1 base URL."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streaming.simulator", "--host", "127.0.0.1", "--port", "0"],
+        [sys.executable, "-m", "devtools.simulator", "--host", "127.0.0.1", "--port", "0"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,

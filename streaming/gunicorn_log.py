@@ -1,7 +1,7 @@
 """gunicorn's logger, with one line instead of a traceback for a dropped slow client.
 
 A client that stops reading makes a write wait `SEND_TIMEOUT_SECONDS` (the
-socket timeout `streaming.follow.ClientWatch` sets), then fail with a socket
+socket timeout `streaming.core.follow.ClientWatch` sets), then fail with a socket
 timeout. gunicorn's worker logs every such ``OSError`` with its full traceback
 ("Socket error processing request."), which for an expected, deliberate drop
 is noise that can bury real errors. This logger (gunicorn's documented

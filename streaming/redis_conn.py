@@ -8,7 +8,7 @@ supported: the cancel bus uses pub/sub and the slot script keys across streams.
 
 Connections per worker process are bounded by `MAX_CONNECTIONS`, whatever the
 number of streams and followers: the cancel listener holds one, the log reader
-(`streaming.logreader`) one, and every other command borrows one for its round
+(`streaming.core.logreader`) one, and every other command borrows one for its round
 trip. A command that finds all of them busy waits up to `POOL_WAIT` seconds
 for one (a blocking pool), then fails like an unreachable Redis (503). With
 Sentinel the pool does not wait: past the bound a command fails at once.

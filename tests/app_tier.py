@@ -23,7 +23,7 @@ from flask.testing import FlaskClient
 
 from app import create_app
 from config.settings import Settings, load_settings
-from tests.harness import free_port
+from devtools.harness import free_port
 
 __all__ = [
     "APP_DB",

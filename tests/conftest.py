@@ -6,8 +6,8 @@ import os
 import pytest
 import redis
 
+from devtools.harness import RedisServer, Simulator, Sluice
 from tests.app_tier import app_cache, app_client, app_redis, make_app  # noqa: F401 (in-process tier)
-from tests.harness import RedisServer, Simulator, Sluice
 
 _tags = itertools.count()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from streaming import keys
+from streaming.core import keys
 from tests.app_tier import error_of
 
 pytestmark = [pytest.mark.app, pytest.mark.timeout(30)]
@@ -123,7 +123,7 @@ def test_keys_are_never_stored(authed, app_redis):
 
 @pytest.mark.parametrize("state", ["running", "finished"])
 def test_streams_of_another_owner_are_404_like_unknown_ones(authed, app_redis, state):
-    """A registry entry owned by someone else, as the manager writes it (see streaming.manager)."""
+    """A registry entry owned by someone else, as the registry writes it (streaming.core)."""
     stream_id = "st_" + "5" * 32
     entry = {"owner": "key:someone-else", "state": state, "worker": "w", "events": "3"}
     app_redis.hset(keys.registry(stream_id), mapping=entry)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from streaming.openai_compat import openai_request
-from streaming.sessions import SessionStore
+from streaming.core.sessions import SessionStore
+from streaming.web.openai_compat import openai_request
 
 pytestmark = [pytest.mark.app, pytest.mark.timeout(30)]
 

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from streaming import keys
-from streaming.sessions import SessionStore
+from streaming.core import keys
+from streaming.core.sessions import SessionStore
 from tests.app_tier import error_of
 
 pytestmark = [pytest.mark.app, pytest.mark.timeout(30)]

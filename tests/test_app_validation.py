@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from streaming import keys
-from streaming.sessions import SessionStore
+from streaming.core import keys
+from streaming.core.sessions import SessionStore
 from tests.app_tier import error_of, free_port
 
 pytestmark = [pytest.mark.app, pytest.mark.timeout(30)]

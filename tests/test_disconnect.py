@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.harness import wait_for
+from devtools.harness import wait_for
 from tests.sse_client import EventStream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

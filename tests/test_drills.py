@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.harness import RedisServer, Sluice, free_port, wait_for
+from devtools.harness import RedisServer, Sluice, free_port, wait_for
 from tests.sse_client import EventStream, request
 
 pytestmark = [pytest.mark.integration, pytest.mark.drill, pytest.mark.timeout(120)]

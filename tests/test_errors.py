@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from tests.harness import free_port, wait_for
+from devtools.harness import free_port, wait_for
 from tests.sse_client import request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

@@ -15,9 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from streaming import keys
-from streaming.eventlog import EventLog
-from streaming.logreader import RemoteStream
+from streaming.core import keys
+from streaming.core.eventlog import EventLog
+from streaming.core.logreader import RemoteStream
 from streaming.sse import encode_json, split_frames
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.harness import wait_for
+from devtools.harness import wait_for
 from tests.sse_client import EventStream, request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]

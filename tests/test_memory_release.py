@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.harness import ROOT
+from devtools.harness import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

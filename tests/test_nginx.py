@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ROOT, Sluice, free_port, wait_for
+from devtools.harness import ROOT, Sluice, free_port, wait_for
 from tests.sse_client import EventStream, request
 
 pytestmark = [pytest.mark.integration, pytest.mark.nginx, pytest.mark.timeout(90)]

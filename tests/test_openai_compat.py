@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from tests.harness import wait_for
+from devtools.harness import wait_for
 from tests.sse_client import EventStream, request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

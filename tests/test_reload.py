@@ -11,7 +11,7 @@ import signal
 
 import pytest
 
-from tests.harness import wait_for
+from devtools.harness import wait_for
 from tests.sse_client import EventStream, request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]

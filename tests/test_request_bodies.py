@@ -1,7 +1,7 @@
 """Request bodies straight to gunicorn: malformed ones are a typed 400, stalled ones a 408.
 
 Real gunicorn (2 gevent workers), raw sockets: what a client that bypasses
-nginx can send. See streaming/body_deadline.py and docs/RELIABILITY.md.
+nginx can send. See streaming/web/body_deadline.py and docs/RELIABILITY.md.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from streaming.body_deadline import BODY_SECONDS
-from tests.harness import wait_for
+from devtools.harness import wait_for
+from streaming.web.body_deadline import BODY_SECONDS
 from tests.sse_client import request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import psutil
 import pytest
 
+from devtools.harness import wait_for
 from streaming.redis_conn import MAX_CONNECTIONS
-from tests.harness import wait_for
 from tests.sse_client import EventStream, request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -159,7 +159,7 @@ def test_grace_expiry_saves_the_turn_as_interrupted(make_sluice, simulator, tag)
     stream.until("token")
     stream.close()
     assert simulator.record(tag, timeout=10)["state"] == "client_closed"
-    from tests.harness import wait_for
+    from devtools.harness import wait_for
 
     def saved():
         messages = request(server.base, "GET", f"/api/v1/sessions/{sid}")[2]["messages"]

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from config.devservices import redis_server_binary
-from tests.harness import RedisServer, Sluice, free_port, wait_for
+from devtools.harness import RedisServer, Sluice, free_port, wait_for
 from tests.sse_client import EventStream, request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from config.settings import SettingsError, load_settings
-from tests.harness import ROOT, VENV_BIN
+from devtools.harness import ROOT, VENV_BIN
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 

@@ -1,4 +1,4 @@
-"""Tests for streaming.simulator, driven through the real openai SDK against a subprocess."""
+"""Tests for devtools.simulator, driven through the real openai SDK against a subprocess."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import httpx2
 import openai
 import pytest
 
-from streaming.simulator import tokens_for
+from devtools.simulator import tokens_for
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
 
@@ -30,7 +30,7 @@ _tags = itertools.count()
 
 
 def start_simulator(*args: str) -> tuple[subprocess.Popen[str], int]:
-    cmd = [sys.executable, "-m", "streaming.simulator", "--port", "0", *args]
+    cmd = [sys.executable, "-m", "devtools.simulator", "--port", "0", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -325,7 +325,7 @@ def test_oversized_head_and_body_are_rejected(port: int) -> None:
 def test_sigint_exits_cleanly_and_import_does_not_patch() -> None:
     proc, _ = start_simulator()
     assert stop_simulator(proc, signal.SIGINT) == 0
-    code = "import gevent.monkey, streaming.simulator; print(gevent.monkey.is_anything_patched())"
+    code = "import gevent.monkey, devtools.simulator; print(gevent.monkey.is_anything_patched())"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
 
@@ -334,7 +334,7 @@ def test_each_write_leaves_at_once() -> None:
     # Real API servers disable Nagle's algorithm; with it on, a token written right after
     # the response head waited for the client's delayed ACK (~40 ms on a kept-alive
     # connection), which every Sluice TTFT measured against the simulator included.
-    from streaming.simulator import Simulator
+    from devtools.simulator import Simulator
 
     class Peer:  # an accepted connection whose client leaves without sending anything
         def __init__(self) -> None:

@@ -24,12 +24,12 @@ import gevent.event
 import pytest
 import redis
 
-from streaming import keys
-from streaming.generation import YIELD_EVERY, Generation, GenerationRequest
-from streaming.manager import StreamManager
-from streaming.sessions import SessionStore
+from streaming.core import keys
+from streaming.core.generation import YIELD_EVERY, Generation, GenerationRequest
+from streaming.core.manager import StreamManager
+from streaming.core.sessions import SessionStore
 from streaming.sse import parse
-from streaming.upstream import UpstreamError
+from streaming.upstream.client import UpstreamError
 from tests.app_tier import app_settings, db_url
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]

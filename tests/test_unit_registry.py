@@ -1,8 +1,8 @@
-"""Unit: the stream registry (`streaming.registry`) on the real redis-server.
+"""Unit: the stream registry (`streaming.core.registry`) on the real redis-server.
 
 Admission is one script: the client's concurrency slot, the session's live
 lease and the registry entry, all or nothing; a refusal is a domain error
-(`streaming.exceptions`), never an HTTP status. No gevent, no upstream: the
+(`streaming.core.exceptions`), never an HTTP status. No gevent, no upstream: the
 registry is plain Redis calls. (The event log has tests/test_eventlog.py.)
 """
 
@@ -13,12 +13,12 @@ import time
 
 import pytest
 
-from streaming import keys
-from streaming.exceptions import SessionBusy, StreamingError, TooManyStreams
-from streaming.generation import GenerationRequest
-from streaming.registry import LIVE_TTL, TICK, WORKER_TTL, Registry
-from streaming.sessions import SessionStore
-from streaming.slots import Slots
+from streaming.core import keys
+from streaming.core.exceptions import SessionBusy, StreamingError, TooManyStreams
+from streaming.core.generation import GenerationRequest
+from streaming.core.registry import LIVE_TTL, TICK, WORKER_TTL, Registry
+from streaming.core.sessions import SessionStore
+from streaming.core.slots import Slots
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streaming.upstream_net import ChunkedBody
+from streaming.upstream.net import ChunkedBody
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.harness import free_port
+from devtools.harness import free_port
 from tests.sse_client import EventStream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

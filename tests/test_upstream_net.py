@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from streaming import upstream_net
-from streaming.upstream import Upstream
-from streaming.upstream_net import socket_readable
-from tests.harness import ROOT
+from devtools.harness import ROOT
+from streaming.upstream import net
+from streaming.upstream.client import Upstream
+from streaming.upstream.net import socket_readable
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 _YIELDS = """
 from gevent import monkey; monkey.patch_all()
 import socket, sys, gevent, httpcore2
-from streaming.upstream_net import NonYieldingBackend
+from streaming.upstream.net import NonYieldingBackend
 server = socket.socket()
 server.bind(("127.0.0.1", 0))
 server.listen()
@@ -79,8 +79,8 @@ def test_the_sdk_client_uses_the_backend_and_reuses_connections(simulator):
 
 @pytest.mark.parametrize("past_h11", [True, False])
 def test_bodies_read_past_h11_or_through_it_give_the_same_text(simulator, monkeypatch, past_h11):
-    # READ_BODY_PAST_H11 is the switch back to h11 (streaming.upstream_net): both paths work
-    monkeypatch.setattr(upstream_net, "READ_BODY_PAST_H11", past_h11)
+    # READ_BODY_PAST_H11 is the switch back to h11 (streaming.upstream.net): both paths work
+    monkeypatch.setattr(net, "READ_BODY_PAST_H11", past_h11)
     upstream = Upstream(simulator.v1, "sk-test", 10)
     try:
         texts = []

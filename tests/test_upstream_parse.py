@@ -7,7 +7,7 @@ import json
 import httpx2
 import pytest
 
-from streaming.upstream import UpstreamError, UpstreamStream
+from streaming.upstream.client import UpstreamError, UpstreamStream
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import free_port, wait_for
+from devtools.harness import free_port, wait_for
 from tests.sse_client import EventStream, request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]

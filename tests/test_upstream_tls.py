@@ -4,7 +4,7 @@ The simulator sits behind a TLS-terminating forwarder (this module, threads)
 with a self-signed test certificate (tests/tls/, for 127.0.0.1 only) that
 Sluice trusts through ``SSL_CERT_FILE``, as the SDK's HTTP client does.
 The forwarder counts the TLS connections it accepted: pooled connections
-must be reused after a stream read past h11 (streaming.upstream_net).
+must be reused after a stream read past h11 (streaming.upstream.net).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from streaming.simulator import parse_directives, tokens_for
-from streaming.upstream import Upstream
+from devtools.simulator import parse_directives, tokens_for
+from streaming.upstream.client import Upstream
 from tests.sse_client import EventStream, request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

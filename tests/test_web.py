@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 from playwright.sync_api import Page, Route, expect
 
-from streaming.simulator import parse_directives, tokens_for
+from devtools.simulator import parse_directives, tokens_for
 from tests.browser import ARTIFACTS, chromium
 from tests.sse_client import EventStream
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import gevent
 
-from streaming.errors import ApiError
+from streaming.web.errors import ApiError
 
 __all__ = ["BODY_SECONDS", "BodyDeadline", "DeadlineInput"]
 

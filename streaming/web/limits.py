@@ -14,7 +14,7 @@ swallows storage errors) instead of answering 500; routes that need Redis
 answer 503 ``redis_unavailable`` on their own, and /health, /ready, /metrics
 and the page are never rate limited.
 
-Concurrency slots (``MAX_CONCURRENT_STREAMS``) are in `streaming.slots`.
+Concurrency slots (``MAX_CONCURRENT_STREAMS``) are in `streaming.core.slots`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from flask import Flask, Response, request
 from flask_limiter import Limiter, RateLimitExceeded
 
 from streaming import metrics
-from streaming.core import sluice
-from streaming.errors import error_response
+from streaming.web.context import sluice
+from streaming.web.errors import error_response
 
 __all__ = ["default_limit", "init_limits", "limiter", "stream_limit"]
 

@@ -2,7 +2,7 @@
 
 The core (admission, the registry, cancel) raises these; the web layer maps
 each to its status and error code of the API in one place
-(`streaming.errors.install_error_handlers`).
+(`streaming.web.errors.install_error_handlers`).
 """
 
 from __future__ import annotations

@@ -3,13 +3,13 @@
 It owns this worker's live generations (``local``; Redis is the registry) and
 wires the parts, each with one job and its own module:
 
-- `streaming.registry`   admission (slot, session lease, entry: one round trip),
+- `streaming.core.registry`   admission (slot, session lease, entry: one round trip),
                          the entry of each stream, dead workers
-- `streaming.eventlog`   each stream's event log, batched by one flusher
-- `streaming.logreader`  one reader for every follower of another worker's stream
-- `streaming.cancelbus`  cancel across workers and hosts, and its acknowledgement
-- `streaming.upkeep`     the tick (leases, lost entries, cancel flags) and the watchdog
-- `streaming.keys`       every Redis key and channel
+- `streaming.core.eventlog`   each stream's event log, batched by one flusher
+- `streaming.core.logreader`  one reader for every follower of another worker's stream
+- `streaming.core.cancelbus`  cancel across workers and hosts, and its acknowledgement
+- `streaming.core.upkeep`     the tick (leases, lost entries, cancel flags) and the watchdog
+- `streaming.core.keys`       every Redis key and channel
 
 Flows (docs/FLOWS.md has each with its keys and its test):
 
@@ -39,17 +39,17 @@ import time
 import gevent
 import redis
 
-from streaming import keys
-from streaming.cancelbus import CancelBus
-from streaming.eventlog import EventLog
-from streaming.generation import Generation, GenerationRequest, StreamStopped
-from streaming.logreader import LogReader
+from streaming.core import keys
+from streaming.core.cancelbus import CancelBus
+from streaming.core.eventlog import EventLog
+from streaming.core.generation import Generation, GenerationRequest, StreamStopped
+from streaming.core.logreader import LogReader
+from streaming.core.registry import LIVE_TTL, Registry
+from streaming.core.sessions import SessionStore
+from streaming.core.slots import Slots
+from streaming.core.upkeep import Upkeep
 from streaming.redis_conn import RedisGate
-from streaming.registry import LIVE_TTL, Registry
-from streaming.sessions import SessionStore
-from streaming.slots import Slots
-from streaming.upkeep import Upkeep
-from streaming.upstream import Upstream
+from streaming.upstream.client import Upstream
 
 __all__ = ["RedisGate", "StreamManager", "new_stream_id", "valid_stream_id"]
 

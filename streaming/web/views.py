@@ -1,14 +1,14 @@
 """What every blueprint shares: the caller's identity, SSE responses, the client watch.
 
 - `authenticated(bp)` puts the one authentication hook on a blueprint: it
-  sets ``g.owner`` (`streaming.core.authenticate`) before any view runs.
+  sets ``g.owner`` (`streaming.web.context.authenticate`) before any view runs.
 - `limit_client()` is who limits and slots count against: the owner in
-  authenticated mode, else the client IP (`streaming.limits.client_ip`).
+  authenticated mode, else the client IP (`streaming.web.limits.client_ip`).
 - `sse_response` is every event-stream answer, with its headers in one place.
 - `start_generation` validates a completion body (ours, or /v1's translated)
-  and starts it for the caller (`streaming.service.start`).
+  and starts it for the caller (`streaming.core.service.start`).
 - `client_watch` watches the request's client socket (and gives it a send
-  timeout), for the followers of `streaming.follow`.
+  timeout), for the followers of `streaming.core.follow`.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from collections.abc import Iterable
 
 from flask import Blueprint, Response, g, request
 
-from streaming import service
-from streaming.core import authenticate, sluice
-from streaming.follow import ClientWatch
-from streaming.generation import Generation
-from streaming.limits import client_ip
-from streaming.validation import parse_completion
+from streaming.core import service
+from streaming.core.follow import ClientWatch
+from streaming.core.generation import Generation
+from streaming.web.context import authenticate, sluice
+from streaming.web.limits import client_ip
+from streaming.web.validation import parse_completion
 
 __all__ = [
     "authenticated",

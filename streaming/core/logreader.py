@@ -6,7 +6,7 @@ of its own. The worker's one `LogReader` greenlet holds one connection and
 blocks in a single ``XREAD BLOCK`` on the event logs of every stream its
 followers watch (XREAD takes many keys). What it reads goes into a
 `RemoteStream` per stream: the frames so far, shared by every follower of it
-on this worker. Followers are the same `streaming.follow.LocalFollower` that
+on this worker. Followers are the same `streaming.core.follow.LocalFollower` that
 follows a local generation: they are woken in-process, never touch Redis.
 
 - A new stream: its `RemoteStream` starts empty and the reader is asked to
@@ -37,8 +37,8 @@ import gevent
 import gevent.event
 import redis
 
-from streaming import keys
-from streaming.eventlog import EventLog, frames_after
+from streaming.core import keys
+from streaming.core.eventlog import EventLog, frames_after
 from streaming.sse import is_done_frame
 
 __all__ = ["LogReader", "RemoteStream"]
@@ -53,7 +53,7 @@ COUNT = 1000  # entries per log and read: a long log is read in a few calls
 class RemoteStream:
     """Another worker's stream as this worker reads it from the log.
 
-    Duck-types the part of `streaming.generation.Generation` that a follower
+    Duck-types the part of `streaming.core.generation.Generation` that a follower
     uses: ``frames`` (``frames[i]`` is seq ``base + 1 + i``), ``done``,
     ``waiters``, `attach` and `detach`.
     """

@@ -13,7 +13,7 @@ loop. Everything else is httpcore's `SyncBackend`, unchanged.
 
 Each connection's stream also takes an optional ``pace`` callback, called
 before a network read that would wait while it is set: the relay pauses there
-(see `streaming.generation`). It reaches the relay as httpcore's
+(see `streaming.core.generation`). It reaches the relay as httpcore's
 ``network_stream`` response extension.
 
 A chunked response body can also be read straight off the connection with

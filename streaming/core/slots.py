@@ -2,7 +2,7 @@
 
 A sorted set ``sluice:slots:<client>`` per client (IP, or key in authenticated
 mode), member = stream id, score = lease expiry. A slot is taken atomically
-before a stream starts, by the admission script of `streaming.manager` (slot,
+before a stream starts, by the admission script of `streaming.core.manager` (slot,
 session lease and registry entry in one round trip), renewed by the owning
 worker's tick, and released in the generation's ``finally``; a killed worker's leases simply
 expire, so slots never leak. Counted in Redis: every worker and host agrees.
@@ -14,12 +14,12 @@ import time
 
 import redis
 
-from streaming import keys
+from streaming.core import keys
 
 __all__ = ["SLOT_LUA", "Slots"]
 
 
-# Slots in Lua, for the admission script (`streaming.registry`), which runs them
+# Slots in Lua, for the admission script (`streaming.core.registry`), which runs them
 # atomically with the other parts of admission. The layout is ours: a sorted set,
 # member = stream id, score = lease expiry; expired leases are dropped first.
 SLOT_LUA = """

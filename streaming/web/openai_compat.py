@@ -24,7 +24,7 @@ per chunk, ``: ping`` comments) are translated one chunk at a time:
   not retried by the SDKs, unlike 409 or 5xx, which would start a new one).
 
 Errors. Every error answered on a /v1 route (ours, or the app's handlers in
-streaming.errors: same statuses, codes and messages as §3) is reshaped by an
+streaming.web.errors: same statuses, codes and messages as §3) is reshaped by an
 ``after_request`` hook into ``{"error": {"message", "type", "param", "code"}}``
 with ``code`` = our code; 429s always carry ``Retry-After``.
 """
@@ -38,14 +38,14 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from streaming.core import sluice
-from streaming.errors import ApiError
-from streaming.follow import Body, follow_local
-from streaming.generation import Generation
-from streaming.limits import default_limit, stream_limit
+from streaming.core.follow import Body, follow_local
+from streaming.core.generation import Generation
 from streaming.sse import PING, compact_json, read_frames
-from streaming.validation import read_json
-from streaming.views import authenticated, client_watch, sse_response, start_generation
+from streaming.web.context import sluice
+from streaming.web.errors import ApiError
+from streaming.web.limits import default_limit, stream_limit
+from streaming.web.validation import read_json
+from streaming.web.views import authenticated, client_watch, sse_response, start_generation
 
 __all__ = ["bp", "error_body", "openai_request"]
 

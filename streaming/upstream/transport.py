@@ -4,7 +4,7 @@ httpx documents "Custom transports" (subclass `BaseTransport`, implement
 ``handle_request``) and httpcore documents "Custom network backends" (a
 `NetworkBackend` given to its pools). `UpstreamTransport` is the first over
 the second: an httpcore pool (`ConnectionPool`, or `HTTPProxy` when a proxy
-applies) built with our `streaming.upstream_net.NonYieldingBackend`, wrapped as
+applies) built with our `streaming.upstream.net.NonYieldingBackend`, wrapped as
 httpx's own `HTTPTransport` wraps its pool. Nothing private is replaced.
 
 Proxies. A client given ``transport=`` ignores the environment's proxies, so
@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import httpcore2
 import httpx2
 
-from streaming.upstream_net import NonYieldingBackend
+from streaming.upstream.net import NonYieldingBackend
 
 __all__ = ["UpstreamTransport", "proxy_for"]
 

@@ -2,8 +2,8 @@
 
 One place, so a layout change is one edit. For stream id S (all under ``sluice:``):
 
-- ``stream:S``  the registry entry (hash; see `streaming.manager`)
-- ``events:S``  the event log (Redis stream; see `streaming.eventlog`)
+- ``stream:S``  the registry entry (hash; see `streaming.core.manager`)
+- ``events:S``  the event log (Redis stream; see `streaming.core.eventlog`)
 - ``cancel:S``  the cancel flag set by DELETE
 - ``watch:S``   set by followers on other workers while they follow S
 - ``worker:W``  liveness of worker W
@@ -12,11 +12,11 @@ One place, so a layout change is one edit. For stream id S (all under ``sluice:`
 
 For client C (its IP, or its owner in authenticated mode), session S and owner O:
 
-- ``slots:C``   concurrency slots (sorted set; see `streaming.slots`)
+- ``slots:C``   concurrency slots (sorted set; see `streaming.core.slots`)
 - ``session:S``, ``session:S:messages``, ``session:S:live``, ``sessions:O``
-  (see `streaming.sessions`)
+  (see `streaming.core.sessions`)
 
-Rate limits are flask-limiter's, under ``sluice:rl`` (`streaming.limits`).
+Rate limits are flask-limiter's, under ``sluice:rl`` (`streaming.web.limits`).
 """
 
 from __future__ import annotations

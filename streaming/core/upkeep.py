@@ -20,13 +20,13 @@ import time
 import gevent
 import redis
 
-from streaming.cancelbus import CancelBus
-from streaming.eventlog import EventLog
-from streaming.generation import Generation
+from streaming.core.cancelbus import CancelBus
+from streaming.core.eventlog import EventLog
+from streaming.core.generation import Generation
+from streaming.core.registry import LIVE_TTL, TICK, Registry
+from streaming.core.sessions import SessionStore
+from streaming.core.slots import Slots
 from streaming.redis_conn import RedisGate
-from streaming.registry import LIVE_TTL, TICK, Registry
-from streaming.sessions import SessionStore
-from streaming.slots import Slots
 
 __all__ = ["Upkeep"]
 

@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
 from streaming import metrics
-from streaming.exceptions import NotFound, SessionBusy, StreamingError, TooManyStreams
+from streaming.core.exceptions import NotFound, SessionBusy, StreamingError, TooManyStreams
 
 __all__ = ["ApiError", "error_response", "install_error_handlers", "redis_unavailable"]
 

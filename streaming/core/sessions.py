@@ -23,7 +23,7 @@ import time
 
 import redis
 
-from streaming import keys
+from streaming.core import keys
 
 __all__ = ["TAKE_LEASE_LUA", "SessionStore", "new_session_id", "valid_session_id"]
 
@@ -35,7 +35,7 @@ return 0
 
 
 # Taking the session's live lease, as a Lua function for the admission script
-# (`streaming.registry`): a string key holding the generating stream's id.
+# (`streaming.core.registry`): a string key holding the generating stream's id.
 TAKE_LEASE_LUA = """
 local function take_lease(key, stream_id, ttl)
   return redis.call('SET', key, stream_id, 'NX', 'EX', ttl) ~= false

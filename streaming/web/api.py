@@ -1,4 +1,4 @@
-"""The /api/v1 streaming blueprint: parse, authorize, hand over to `streaming.service`."""
+"""The /api/v1 streaming blueprint: parse, authorize, hand over to `streaming.core.service`."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ import time
 
 from flask import Blueprint, Response, g, jsonify, request, url_for
 
-from streaming import metrics, service
-from streaming.core import sluice
-from streaming.errors import ApiError
-from streaming.follow import follow_local
-from streaming.limits import default_limit, stream_limit
-from streaming.manager import valid_stream_id
-from streaming.validation import read_json
-from streaming.views import authenticated, client_watch, sse_response, start_generation
+from streaming import metrics
+from streaming.core import service
+from streaming.core.follow import follow_local
+from streaming.core.manager import valid_stream_id
+from streaming.web.context import sluice
+from streaming.web.errors import ApiError
+from streaming.web.limits import default_limit, stream_limit
+from streaming.web.validation import read_json
+from streaming.web.views import authenticated, client_watch, sse_response, start_generation
 
 __all__ = ["bp"]
 

@@ -1,7 +1,7 @@
 """The cancel bus: a DELETE on any worker or host stops a generation running on another.
 
 Flow. DELETE (any worker) sets the flag ``cancel:S`` and publishes S on
-``sluice:cancel`` (`streaming.keys`). The one listener greenlet of every
+``sluice:cancel`` (`streaming.core.keys`). The one listener greenlet of every
 worker receives it; the owning worker stops its generation, whose ``finally``
 closes the upstream and, in its final pipeline, publishes ``S reason`` on
 ``sluice:ack`` (`acknowledge`). The DELETE's own worker listens on that channel
@@ -11,7 +11,7 @@ waiting DELETE and every cancel.
 
 Pub/sub drops messages while a listener reconnects, so: the listener
 re-checks the flags of its local streams on every (re)subscribe
-(`check_flags`), the tick checks them too (`streaming.upkeep`), and a waiting
+(`check_flags`), the tick checks them too (`streaming.core.upkeep`), and a waiting
 DELETE reads the registry entry every `ACK_POLL` seconds (a stream that ended
 anyway, or whose worker died, answers then). Fan-out: every worker receives
 every cancel and every acknowledgement (a few bytes each; acknowledgements
@@ -28,9 +28,9 @@ import gevent
 import gevent.event
 import redis
 
-from streaming import keys
-from streaming.generation import Generation, StreamStopped
-from streaming.registry import LIVE_TTL, Registry
+from streaming.core import keys
+from streaming.core.generation import Generation, StreamStopped
+from streaming.core.registry import LIVE_TTL, Registry
 
 __all__ = ["CancelBus"]
 

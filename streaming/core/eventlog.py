@@ -4,7 +4,7 @@
 frames: entry id ``0-<last seq in the batch>``, fields ``f`` (first seq) and
 ``d`` (the frames, each ending in a blank line). Live followers on the
 generation's own worker never read it: they are fed in-process; followers on
-other workers read it through the worker's one `streaming.logreader.LogReader`.
+other workers read it through the worker's one `streaming.core.logreader.LogReader`.
 
 Appends are batched: a generation only marks itself dirty; one flusher
 greenlet per worker writes every dirty stream's new frames every
@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING, Any
 import gevent
 import redis
 
-from streaming import keys
+from streaming.core import keys
 from streaming.sse import split_frames
 
 if TYPE_CHECKING:
-    from streaming.generation import Generation
+    from streaming.core.generation import Generation
 
 __all__ = ["Append", "EventLog", "frames_after"]
 

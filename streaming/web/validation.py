@@ -20,7 +20,7 @@ from pydantic import (
     ValidationError,
 )
 
-from streaming.errors import ApiError
+from streaming.web.errors import ApiError
 
 __all__ = ["CompletionBody", "parse_completion", "read_json"]
 

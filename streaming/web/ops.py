@@ -7,12 +7,12 @@ from pathlib import Path
 import redis
 from flask import Blueprint, Response, jsonify, send_from_directory
 
-from streaming.core import sluice
-from streaming.errors import redis_unavailable
+from streaming.web.context import sluice
+from streaming.web.errors import redis_unavailable
 
 __all__ = ["bp"]
 
-WEB_DIR = Path(__file__).parent / "web"
+WEB_DIR = Path(__file__).parent / "static"
 
 bp = Blueprint("ops", __name__)
 

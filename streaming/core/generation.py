@@ -47,10 +47,10 @@ from gevent import get_hub
 
 from streaming import metrics
 from streaming.sse import encode_json
-from streaming.upstream import UpstreamError, UpstreamStream
+from streaming.upstream.client import UpstreamError, UpstreamStream
 
 if TYPE_CHECKING:
-    from streaming.manager import StreamManager
+    from streaming.core.manager import StreamManager
 
 __all__ = ["Generation", "GenerationRequest", "StreamStopped"]
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, g, jsonify, request
 
-from streaming.core import sluice
-from streaming.errors import ApiError
-from streaming.limits import default_limit
-from streaming.validation import read_json
-from streaming.views import authenticated
+from streaming.web.context import sluice
+from streaming.web.errors import ApiError
+from streaming.web.limits import default_limit
+from streaming.web.validation import read_json
+from streaming.web.views import authenticated
 
 __all__ = ["bp"]
 

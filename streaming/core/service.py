@@ -1,20 +1,20 @@
 """The streaming core's entry points for the web layer: start, attach, cancel.
 
-No Flask and no HTTP status here: the blueprints (`streaming.api`,
-`streaming.openai_compat`) parse and authorize, call these, and map the
-domain errors (`streaming.exceptions`) to the API's codes in one place.
+No Flask and no HTTP status here: the blueprints (`streaming.web.api`,
+`streaming.web.openai_compat`) parse and authorize, call these, and map the
+domain errors (`streaming.core.exceptions`) to the API's codes in one place.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from streaming.exceptions import NotFound
-from streaming.follow import ClientWatch, follow_local, follow_log
-from streaming.generation import Generation, GenerationRequest
-from streaming.manager import StreamManager, new_stream_id
+from streaming.core.exceptions import NotFound
+from streaming.core.follow import ClientWatch, follow_local, follow_log
+from streaming.core.generation import Generation, GenerationRequest
+from streaming.core.manager import StreamManager, new_stream_id
 from streaming.sse import is_done_frame
-from streaming.validation import CompletionBody
+from streaming.web.validation import CompletionBody
 
 __all__ = ["attach", "cancel", "start"]
 

@@ -16,7 +16,7 @@ the fallback where there is no socket.
 
 A follower on the generation's own worker is fed in-process (woken by the
 generation, no Redis reads). On any other worker it is the same
-`LocalFollower`, over the `streaming.logreader.RemoteStream` that the
+`LocalFollower`, over the `streaming.core.logreader.RemoteStream` that the
 worker's one log reader fills from the Redis event log (one XREAD for all the
 worker's remote followers; no Redis connection per follower), which also
 refreshes ``watch:S`` so the owner does not count the stream as abandoned.
@@ -43,8 +43,8 @@ from gevent import get_hub, getcurrent
 from greenlet import greenlet
 
 from streaming import metrics
-from streaming.generation import Generation
-from streaming.logreader import LogReader, RemoteStream
+from streaming.core.generation import Generation
+from streaming.core.logreader import LogReader, RemoteStream
 from streaming.sse import PING
 
 __all__ = [

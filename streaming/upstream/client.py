@@ -26,9 +26,9 @@ import httpcore2
 import httpx2
 import openai
 
-from streaming import upstream_net
-from streaming.upstream_net import ChunkedBody, PacedStream
-from streaming.upstream_transport import UpstreamTransport
+from streaming.upstream import net
+from streaming.upstream.net import ChunkedBody, PacedStream
+from streaming.upstream.transport import UpstreamTransport
 
 __all__ = ["Upstream", "UpstreamError", "UpstreamStream"]
 
@@ -63,9 +63,9 @@ class Upstream:
         # Few idle connections: the pool probes every idle socket on each request
         # and release (a poll per socket), which costs more than a new TCP
         # connection once there are hundreds.
-        # The transport (see streaming.upstream_transport): httpx's documented custom
+        # The transport (see streaming.upstream.transport): httpx's documented custom
         # transport over an httpcore pool with our network backend, whose idle-connection
-        # checks do not yield to gevent (streaming.upstream_net); it applies the
+        # checks do not yield to gevent (streaming.upstream.net); it applies the
         # environment's proxies (HTTPS_PROXY, NO_PROXY, ...) itself.
         self.transport = UpstreamTransport(
             base_url or DEFAULT_BASE_URL, max_keepalive_connections=20
@@ -134,12 +134,12 @@ class UpstreamStream:
         self._failed: str | None = None  # why the stream is unusable (a bad or error chunk)
         network = response.extensions.get("network_stream")
         self._network = network if isinstance(network, PacedStream) else None
-        # A chunked, unencoded body is read past h11 (see streaming.upstream_net).
+        # A chunked, unencoded body is read past h11 (see streaming.upstream.net).
         self._body: ChunkedBody | None = None
         headers = response.headers
         head = self._network.head if self._network is not None else None
         if (
-            upstream_net.READ_BODY_PAST_H11
+            net.READ_BODY_PAST_H11
             and head is not None
             and head[9:12] == b"%d" % response.status_code  # this response's head (not a 1xx)
             and response.http_version == "HTTP/1.1"

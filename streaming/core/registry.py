@@ -1,14 +1,14 @@
 """The stream registry in Redis: admission, each stream's entry, its end, dead workers.
 
-``stream:S`` (`streaming.keys`) is a hash ``owner client worker state reason
+``stream:S`` (`streaming.core.keys`) is a hash ``owner client worker state reason
 created model session_id`` (+ ``ended events error`` once finished). While
 the stream runs its TTL is `LIVE_TTL`, renewed every tick by the owning
-worker (`streaming.upkeep`), so a crashed worker's entries expire on their
+worker (`streaming.core.upkeep`), so a crashed worker's entries expire on their
 own; once finished it is kept for ``STREAM_RETENTION_SECONDS``.
 
 Admission is one round trip: a script takes the client's concurrency slot
-(`streaming.slots`), the session's live lease when the stream continues a
-session (`streaming.sessions`), and writes the entry, all or nothing. It is
+(`streaming.core.slots`), the session's live lease when the stream continues a
+session (`streaming.core.sessions`), and writes the entry, all or nothing. It is
 composed of those modules' own Lua functions, so each keeps its layout.
 
 Dead workers. Only Redis's own expiry is trusted, never another host's
@@ -23,11 +23,11 @@ import time
 
 import redis
 
-from streaming import keys
-from streaming.exceptions import SessionBusy, TooManyStreams
-from streaming.generation import GenerationRequest
-from streaming.sessions import TAKE_LEASE_LUA, SessionStore
-from streaming.slots import SLOT_LUA, Slots
+from streaming.core import keys
+from streaming.core.exceptions import SessionBusy, TooManyStreams
+from streaming.core.generation import GenerationRequest
+from streaming.core.sessions import TAKE_LEASE_LUA, SessionStore
+from streaming.core.slots import SLOT_LUA, Slots
 
 __all__ = ["LIVE_TTL", "TICK", "WORKER_TTL", "Registry"]
 

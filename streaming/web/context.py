@@ -10,10 +10,10 @@ import redis
 from flask import Request, current_app
 
 from config.settings import Settings
-from streaming.errors import ApiError
-from streaming.manager import StreamManager
+from streaming.core.manager import StreamManager
 from streaming.redis_conn import RedisGate
-from streaming.upstream import Upstream
+from streaming.upstream.client import Upstream
+from streaming.web.errors import ApiError
 
 __all__ = ["RedisGate", "Sluice", "authenticate", "sluice"]
 
