@@ -24,6 +24,20 @@ silence (the manager's watchdog) and worker shutdown all arrive as a
 billing), emit ``error`` if any, emit the one ``done``, then let the manager
 flush the log, mark the registry entry finished and acknowledge a cancel.
 
+Deltas other than text (``/v1`` generations only: `GenerationRequest.relay_deltas`).
+Text always travels as ``token`` events, on the fast path above. Whatever
+else a delta carries (``tool_calls`` fragments, ``refusal``, ``logprobs``,
+fields a provider adds) is relayed raw, as ``delta`` events:
+``{"type": "delta", "deltas": [<delta>, ...], "index": n}``, one per run of
+such deltas in one network read, each delta as the upstream sent it less
+``content`` and ``role`` (``logprobs``, a field of the choice, is moved into
+it). A ``delta`` event is emitted at once, after the text read before it, so
+the order of the upstream's deltas is kept. They are frames like any other:
+in the event log, replayed and followed; the native API's followers skip
+them (`streaming.core.follow`), so ``/api/v1`` stays text-only. The upstream's
+``finish_reason`` becomes ``done.reason`` when it is neither ``stop`` nor
+``length`` (``tool_calls``, ``content_filter``; any other identifier too).
+
 Memory. A finished generation must be freed by reference counting alone, the
 moment its last follower lets go: one caught in a reference cycle lives until
 Python's rare full collection, with all its text. So no exception that was
@@ -46,6 +60,7 @@ import gevent.event
 from gevent import get_hub
 
 from streaming import metrics
+from streaming.core.messages import text_length
 from streaming.sse import encode_json
 from streaming.upstream.client import UpstreamError, UpstreamStream
 
@@ -74,19 +89,32 @@ class GenerationRequest:
     stream_id: str
     owner: str
     model: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
+    # The token caps, as the client gave them (budgets lower them; see streaming.core.usage).
     max_tokens: int | None = None
+    max_completion_tokens: int | None = None
     temperature: float | None = None
     session_id: str | None = None
     client: str = ""
-    new_messages: list[dict[str, str]] = field(default_factory=list)  # saved to the session
+    new_messages: list[dict[str, Any]] = field(default_factory=list)  # saved to the session
+    # /v1: the fields forwarded as given (not model, messages, stream, the caps, temperature)
+    params: dict[str, Any] = field(default_factory=dict)
+    stream_options: dict[str, Any] | None = None  # the client's; include_usage is always ours
+    relay_deltas: bool = False  # emit `delta` events (/v1); the native API is text-only
+    surface: str = "api"  # "api" (/api/v1) or "v1" (OpenAI's); metrics count usage by it
 
     def upstream_params(self) -> dict[str, Any]:
-        params: dict[str, Any] = {"model": self.model, "messages": self.messages}
+        params: dict[str, Any] = {**self.params, "model": self.model, "messages": self.messages}
         if self.max_tokens is not None:
             params["max_tokens"] = self.max_tokens
+        if self.max_completion_tokens is not None:
+            params["max_completion_tokens"] = self.max_completion_tokens
         if self.temperature is not None:
             params["temperature"] = self.temperature
+        if self.stream_options:
+            params["stream_options"] = self.stream_options
+        if self.relay_deltas:
+            params["relay_deltas"] = True
         return params
 
 
@@ -110,6 +138,8 @@ class Generation:
         self.attached = 0
         self.text: list[str] = []  # the reply so far (sessions save it)
         self.token_events = 0
+        self.delta_events = 0
+        self.delta_chars = 0  # text in the delta events (tool call arguments, refusal)
         self.ttft_ms: float | None = None
         self._pending: list[str] = []
         self._relaying = False
@@ -149,11 +179,36 @@ class Generation:
         text = "".join(self._pending)
         self._pending.clear()
         if self.ttft_ms is None:
-            self.ttft_ms = (time.perf_counter() - self._t0) * 1000
-            metrics.TTFT.observe(self.ttft_ms / 1000)
+            self._first_out()
         self.text.append(text)
         self.emit("token", {"type": "token", "token": text, "index": self.token_events})
         self.token_events += 1
+
+    def _first_out(self) -> None:
+        self.ttft_ms = (time.perf_counter() - self._t0) * 1000
+        metrics.TTFT.observe(self.ttft_ms / 1000)
+
+    def _add_extras(self, items: list[str | dict[str, Any]]) -> None:
+        """One read's text and other deltas, in order (see Deltas above)."""
+        deltas: list[dict[str, Any]] = []
+        for item in items:
+            if isinstance(item, str):
+                if deltas:
+                    self._emit_deltas(deltas)
+                    deltas = []
+                self._add_text(item)
+            else:
+                deltas.append(item)
+        if deltas:
+            self._emit_deltas(deltas)
+
+    def _emit_deltas(self, deltas: list[dict[str, Any]]) -> None:
+        self._emit_pending()  # the text before them leaves first
+        if self.ttft_ms is None:
+            self._first_out()
+        self.delta_chars += sum(_text_chars(d) for d in deltas)
+        self.emit("delta", {"type": "delta", "deltas": deltas, "index": self.delta_events})
+        self.delta_events += 1
 
     # -- followers and the grace window ---------------------------------------------
 
@@ -218,7 +273,7 @@ class Generation:
             self.head_ms = (time.perf_counter() - self._t0) * 1000
             self._upstream_open = True
             self._relay(stream)
-            reason = "length" if stream.finish_reason == "length" else "stop"
+            reason = _reason(stream.finish_reason)
         except StreamStopped as stop:
             reason, error = stop.reason, stop.error
             stop.__traceback__ = None  # the raised exception must not hold our frames
@@ -254,13 +309,15 @@ class Generation:
         if interval:
 
             def pause() -> None:  # before a read that would wait
-                if self.token_events:
+                if self.token_events or self.delta_events:
                     gevent.sleep(interval)
 
             stream.pace(pause)
         for count, text in enumerate(stream.iter_text(), 1):
             if text:
                 self._add_text(text)
+            elif stream.extras:  # a read with other deltas (/v1 only): text and deltas in order
+                self._add_extras(stream.take_extras())
             if count % YIELD_EVERY == 0:
                 gevent.sleep(0)
             self.last_read = time.monotonic()
@@ -338,10 +395,39 @@ class Generation:
                 "completion_tokens": usage["completion_tokens"],
                 "estimated": False,
             }
-        prompt_chars = sum(len(m.get("content") or "") for m in self.request.messages)
-        completion_chars = sum(len(t) for t in self.text)
+        prompt_chars = text_length(self.request.messages)
+        completion_chars = sum(len(t) for t in self.text) + self.delta_chars
         return {
             "prompt_tokens": max(1, prompt_chars // 4),
             "completion_tokens": (completion_chars + 3) // 4,
             "estimated": True,
         }
+
+
+_OURS = frozenset({"cancelled", "error"})  # reasons that are Sluice's, never an upstream's
+
+
+def _reason(finish_reason: Any) -> str:
+    """``done.reason`` for an upstream's end: its own when neither stop nor length."""
+    if finish_reason == "length":
+        return "length"
+    if (
+        isinstance(finish_reason, str)
+        and finish_reason not in _OURS
+        and len(finish_reason) <= 40
+        and finish_reason.isascii()
+        and finish_reason.isidentifier()  # a bounded label (metrics count by reason)
+    ):
+        return finish_reason
+    return "stop"
+
+
+def _text_chars(value: Any) -> int:
+    """Characters of the strings in a delta, ``logprobs`` aside (the usage estimate)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_text_chars(v) for k, v in value.items() if k not in ("logprobs", "type"))
+    if isinstance(value, list):
+        return sum(_text_chars(v) for v in value)
+    return 0

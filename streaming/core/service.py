@@ -26,8 +26,14 @@ def start(
     model: str,
     owner: str,
     client: str,
+    surface: str = "api",
 ) -> Generation:
-    """Start a validated completion for `owner`; `client` is who its limits count against."""
+    """Start a validated completion for `owner`; `client` is who its limits, slots, usage
+    and budget count against; `surface` ("api" or "v1") labels its usage in the metrics.
+
+    Refusals are domain errors: `NotFound` (session), then from admission
+    `BudgetExhausted`, `TooManyStreams`, `SessionBusy`.
+    """
     upstream_messages = messages
     if body.session_id is not None:
         if manager.sessions.meta(body.session_id, owner) is None:
@@ -43,6 +49,7 @@ def start(
         temperature=body.temperature,
         session_id=body.session_id,
         client=client,
+        surface=surface,
     )
     return manager.start(request)
 

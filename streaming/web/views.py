@@ -77,4 +77,5 @@ def start_generation(body: dict) -> Generation:
         default_model=settings.llm_model,
         max_prompt_chars=settings.max_prompt_chars,
     )
-    return service.start(app.manager, parsed, messages, model, g.owner, limit_client())
+    surface = "v1" if request.blueprint == "openai_compat" else "api"
+    return service.start(app.manager, parsed, messages, model, g.owner, limit_client(), surface)
