@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterator
 
 __all__ = [
+    "DELTA_EVENT",
     "PING",
     "comment",
     "compact_json",
@@ -23,6 +24,7 @@ __all__ = [
     "parse",
     "read_frames",
     "split_frames",
+    "without_deltas",
 ]
 
 _LINE_BREAKS = re.compile(r"\r\n|\r|\n")
@@ -77,6 +79,19 @@ def read_frames(chunk: bytes) -> Iterator[tuple[bytes, bytes]]:
             yield event[7:], data[6:]
         elif frame:
             yield b"ping", b""
+
+
+DELTA_EVENT = b"\nevent: delta\n"  # /v1 generations' non-text deltas (streaming.core.generation)
+
+
+def without_deltas(chunk: bytes) -> bytes:
+    """Joined frames without the ``delta`` events (the native API is text-only).
+
+    One substring search when there are none (every chunk of a native stream).
+    """
+    if DELTA_EVENT not in chunk:
+        return chunk
+    return b"".join(f for f in split_frames(chunk) if DELTA_EVENT not in f[:48])
 
 
 def is_done_frame(frame: bytes) -> bool:

@@ -40,6 +40,8 @@ WAIT = 10  # seconds; every wait below ends long before unless something is brok
 class ScriptedStream:
     """What `Upstream.open` returns, scripted: parts, then an optional wait, then an end."""
 
+    extras = None  # text only (a /v1 generation's other deltas: tests/test_openai_tools.py)
+
     def __init__(self, parts, *, finish="stop", usage=None, fail=None, hold=None, after=()):
         self.parts, self.after = list(parts), list(after)
         self.finish_reason = None

@@ -45,7 +45,7 @@ from greenlet import greenlet
 from streaming import metrics
 from streaming.core.generation import Generation
 from streaming.core.logreader import LogReader, RemoteStream
-from streaming.sse import PING
+from streaming.sse import PING, without_deltas
 
 __all__ = [
     "Body",
@@ -262,12 +262,28 @@ class LocalFollower:
     the heartbeat timer) when there is nothing to send.
     """
 
-    __slots__ = ("gen", "watch", "wake", "heartbeat", "sent", "last", "ping", "_heartbeats")
+    __slots__ = (
+        "gen",
+        "watch",
+        "wake",
+        "heartbeat",
+        "sent",
+        "last",
+        "ping",
+        "text_only",
+        "_heartbeats",
+    )
 
     def __init__(
-        self, gen: Generation | RemoteStream, after: int, heartbeat: float, watch: ClientWatch
+        self,
+        gen: Generation | RemoteStream,
+        after: int,
+        heartbeat: float,
+        watch: ClientWatch,
+        text_only: bool = False,
     ):
         self.gen = gen
+        self.text_only = text_only  # skip `delta` events (a /v1 generation seen natively)
         self.watch = watch
         self.wake = watch.wake
         self.heartbeat = heartbeat
@@ -291,9 +307,12 @@ class LocalFollower:
             if start < len(frames):
                 start = max(start, 0)  # seqs trimmed from a long log's start are gone
                 self.sent = gen.base + len(frames)
+                out = frames[start] if len(frames) == start + 1 else b"".join(frames[start:])
+                if self.text_only and not (out := without_deltas(out)):
+                    continue
                 self.last = time.monotonic()
                 self.ping = False
-                return frames[start] if len(frames) == start + 1 else b"".join(frames[start:])
+                return out
             if gen.done:
                 break
             if self.ping:
@@ -317,14 +336,22 @@ class LocalFollower:
 
 
 def follow_local(
-    gen: Generation, after: int, heartbeat: float, watch: ClientWatch
+    gen: Generation, after: int, heartbeat: float, watch: ClientWatch, text_only: bool = False
 ) -> LocalFollower:
-    """Follow a generation of this worker; attached from now until the body is closed."""
-    return LocalFollower(gen, after, heartbeat, watch)
+    """Follow a generation of this worker; attached from now until the body is closed.
+
+    `text_only`: skip ``delta`` events (the native API following a /v1 generation).
+    """
+    return LocalFollower(gen, after, heartbeat, watch, text_only)
 
 
 def follow_log(
-    reader: LogReader, stream_id: str, after: int, heartbeat: float, watch: ClientWatch
+    reader: LogReader,
+    stream_id: str,
+    after: int,
+    heartbeat: float,
+    watch: ClientWatch,
+    text_only: bool = False,
 ) -> LocalFollower:
     """Follow a stream of another worker or host through this worker's log reader."""
-    return LocalFollower(reader.follow(stream_id), after, heartbeat, watch)
+    return LocalFollower(reader.follow(stream_id), after, heartbeat, watch, text_only)

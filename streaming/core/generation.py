@@ -67,7 +67,7 @@ from streaming.upstream.client import UpstreamError, UpstreamStream
 if TYPE_CHECKING:
     from streaming.core.manager import StreamManager
 
-__all__ = ["Generation", "GenerationRequest", "StreamStopped"]
+__all__ = ["Generation", "GenerationRequest", "StreamStopped", "done_reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,9 @@ class GenerationRequest:
     surface: str = "api"  # "api" (/api/v1) or "v1" (OpenAI's); metrics count usage by it
 
     def upstream_params(self) -> dict[str, Any]:
-        params: dict[str, Any] = {**self.params, "model": self.model, "messages": self.messages}
+        params: dict[str, Any] = {"model": self.model, "messages": self.messages}
+        if self.params:
+            params["params"] = self.params
         if self.max_tokens is not None:
             params["max_tokens"] = self.max_tokens
         if self.max_completion_tokens is not None:
@@ -273,7 +275,7 @@ class Generation:
             self.head_ms = (time.perf_counter() - self._t0) * 1000
             self._upstream_open = True
             self._relay(stream)
-            reason = _reason(stream.finish_reason)
+            reason = done_reason(stream.finish_reason)
         except StreamStopped as stop:
             reason, error = stop.reason, stop.error
             stop.__traceback__ = None  # the raised exception must not hold our frames
@@ -407,7 +409,7 @@ class Generation:
 _OURS = frozenset({"cancelled", "error"})  # reasons that are Sluice's, never an upstream's
 
 
-def _reason(finish_reason: Any) -> str:
+def done_reason(finish_reason: Any) -> str:
     """``done.reason`` for an upstream's end: its own when neither stop nor length."""
     if finish_reason == "length":
         return "length"
@@ -427,7 +429,7 @@ def _text_chars(value: Any) -> int:
     if isinstance(value, str):
         return len(value)
     if isinstance(value, dict):
-        return sum(_text_chars(v) for k, v in value.items() if k not in ("logprobs", "type"))
+        return sum(_text_chars(v) for k, v in value.items() if k not in ("logprobs", "type", "id"))
     if isinstance(value, list):
         return sum(_text_chars(v) for v in value)
     return 0

@@ -8,12 +8,13 @@ domain errors (`streaming.core.exceptions`) to the API's codes in one place.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from streaming.core.exceptions import NotFound
 from streaming.core.follow import ClientWatch, follow_local, follow_log
 from streaming.core.generation import Generation, GenerationRequest
 from streaming.core.manager import StreamManager, new_stream_id
-from streaming.sse import is_done_frame
+from streaming.sse import is_done_frame, without_deltas
 from streaming.web.validation import CompletionBody
 
 __all__ = ["attach", "cancel", "start"]
@@ -27,6 +28,7 @@ def start(
     owner: str,
     client: str,
     surface: str = "api",
+    extra: dict[str, Any] | None = None,
 ) -> Generation:
     """Start a validated completion for `owner`; `client` is who its limits, slots, usage
     and budget count against; `surface` ("api" or "v1") labels its usage in the metrics.
@@ -50,6 +52,7 @@ def start(
         session_id=body.session_id,
         client=client,
         surface=surface,
+        **(extra or {}),  # /v1: max_completion_tokens, params, stream_options, relay_deltas
     )
     return manager.start(request)
 
@@ -72,15 +75,16 @@ def attach(
     if info is None:
         raise NotFound("No such stream.")
     gen = manager.local.get(stream_id)
+    # The native API is text-only: a /v1 generation's `delta` events are skipped.
     if gen is not None:
-        return follow_local(gen, after, heartbeat, watch())
+        return follow_local(gen, after, heartbeat, watch(), text_only=True)
     if info["state"] == "finished":
         if info.get("events", "").isdigit() and after >= int(info["events"]):
             return None
         frames = manager.log.read(stream_id, after)
         if frames and is_done_frame(frames[-1]):
-            return [b"".join(frames)]
-    return follow_log(manager.reader, stream_id, after, heartbeat, watch())
+            return [without_deltas(b"".join(frames))]
+    return follow_log(manager.reader, stream_id, after, heartbeat, watch(), text_only=True)
 
 
 def cancel(manager: StreamManager, stream_id: str, owner: str) -> str:

@@ -12,6 +12,16 @@ at once and is never billed twice.
 A stream that ends without a ``finish_reason`` and without ``[DONE]`` was
 cut off (a dropped connection can look like a clean end to a line reader):
 that is an ``upstream_error`` too.
+
+Deltas. A choice whose delta is ``{"content": ...}`` alone (and no
+``logprobs``) is the fast path: its text joins the read's text, two dict
+look-ups and a ``len`` per chunk. Anything else (``tool_calls`` fragments,
+``refusal``, ``logprobs``, a role, fields a provider adds) goes through
+`UpstreamStream._mixed`: its content still joins the text; the rest is kept,
+raw, only when the stream relays deltas (``/v1`` generations: `extras` is a
+list), in `extras`, in order with the text around it (a read that has any
+returns its text there too, and "" from `iter_text`). ``finish_reason`` is
+kept as given.
 """
 
 from __future__ import annotations
@@ -46,10 +56,19 @@ class UpstreamError(Exception):
 def _status_error(exc: openai.APIStatusError) -> UpstreamError:
     if exc.status_code == 429:
         return UpstreamError("upstream_rate_limited", "The model provider is rate limiting.")
-    return UpstreamError("upstream_error", f"The model provider answered HTTP {exc.status_code}.")
+    message = f"The model provider answered HTTP {exc.status_code}."
+    body = exc.body
+    if exc.status_code in (400, 422) and isinstance(body, dict):
+        # a request it refused (a forwarded field it does not take): say why, as it said it
+        detail = body.get("message")
+        if isinstance(detail, str) and detail:
+            message = f"The model provider answered HTTP {exc.status_code}: {detail[:300]}"
+    return UpstreamError("upstream_error", message)
 
 
 _OPTIONS: Any = {"headers": {"Accept-Encoding": "identity"}}
+_NO_DELTA: dict[str, Any] = {}  # never written to
+_NOT_RELAYED = ("content", "role")  # the text travels as text; the role is the start's
 
 
 class Upstream:
@@ -79,7 +98,15 @@ class Upstream:
             http_client=openai.DefaultHttpxClient(timeout=self.timeout, transport=self.transport),
         )
 
-    def open(self, model: str, messages: list[dict[str, str]], **params: Any) -> UpstreamStream:
+    def open(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        relay_deltas: bool = False,
+        stream_options: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> UpstreamStream:
         """Send the request; returns once the response head arrived.
 
         Through ``client.post`` with ``cast_to=httpx.Response``: the SDK still builds,
@@ -88,13 +115,19 @@ class Upstream:
         the parameters (an identity for validated text messages, 31 % of a short
         stream's profiled CPU, growing with the history) and the streaming-response
         wrapper: about 0.23 ms less per request (in-process, mock transport).
+
+        `params` (the /v1 pass-through fields, whatever their names) and `fields`
+        (the token caps, temperature) are sent as given; ``model``, ``messages``,
+        ``stream`` and ``stream_options.include_usage`` are always ours.
+        `relay_deltas`: keep the non-content deltas (see `UpstreamStream.extras`).
         """
         body = {
+            **(params or {}),
+            **fields,
             "model": model,
             "messages": messages,
             "stream": True,
-            "stream_options": {"include_usage": True},
-            **params,
+            "stream_options": {**(stream_options or {}), "include_usage": True},
         }
         try:
             response = self.client.post(
@@ -111,7 +144,7 @@ class Upstream:
             raise UpstreamError("upstream_timeout", "The model provider did not answer.") from None
         except openai.APIConnectionError:
             raise UpstreamError("upstream_error", "The model provider is unreachable.") from None
-        return UpstreamStream(None, response)
+        return UpstreamStream(None, response, relay_deltas)
 
     def close(self) -> None:
         self.client.close()
@@ -124,13 +157,16 @@ class UpstreamStream:
     closes it); otherwise `close()` closes the response itself.
     """
 
-    def __init__(self, manager: Any, response: httpx2.Response):
+    def __init__(self, manager: Any, response: httpx2.Response, relay_deltas: bool = False):
         self._manager = manager
         self._response = response
         self.finish_reason: str | None = None
         self.usage: dict[str, int] | None = None
         self.saw_done = False
-        self.deltas = 0  # content deltas received
+        self.deltas = 0  # deltas received that carried something (text or more)
+        # With relay_deltas: the last read's text (str) and other deltas (dict), in order,
+        # when it had any other delta (then iter_text yields "" for it); see `take_extras`.
+        self.extras: list[str | dict[str, Any]] | None = [] if relay_deltas else None
         self._failed: str | None = None  # why the stream is unusable (a bad or error chunk)
         network = response.extensions.get("network_stream")
         self._network = network if isinstance(network, PacedStream) else None
@@ -225,17 +261,53 @@ class UpstreamStream:
                     self._failed = "The model provider reported an error."
                     break
                 for choice in chunk.get("choices") or ():
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
-                        pieces.append(text)
-                        self.deltas += 1
+                    delta = choice.get("delta") or _NO_DELTA
+                    text = delta.get("content")
+                    if text is not None and len(delta) == 1 and choice.get("logprobs") is None:
+                        if text:  # the fast path: a chunk that carries only content
+                            pieces.append(text)
+                            self.deltas += 1
+                    elif delta or choice.get("logprobs") is not None:
+                        self._mixed(choice, delta, pieces)
                     if choice.get("finish_reason"):
                         self.finish_reason = choice["finish_reason"]
                 if chunk.get("usage"):
                     self.usage = chunk["usage"]
         except (TypeError, AttributeError, KeyError):
             self._failed = "The model provider sent a bad chunk."
+        if self.extras:  # this read had other deltas: its text goes with them, in order
+            if pieces:
+                self.extras.append("".join(pieces))
+            return ""
         return "".join(pieces)
+
+    def _mixed(self, choice: dict[str, Any], delta: dict[str, Any], pieces: list[str]) -> None:
+        """A delta that is not content alone: its text to `pieces`, the rest to `extras`."""
+        text = delta.get("content")
+        if text is not None and not isinstance(text, str):
+            raise TypeError
+        if text:
+            pieces.append(text)
+        extras = self.extras
+        rest = None
+        if extras is not None:
+            rest = {k: v for k, v in delta.items() if v is not None and k not in _NOT_RELAYED}
+            logprobs = choice.get("logprobs")
+            if logprobs is not None:
+                rest["logprobs"] = logprobs
+            if rest:
+                if pieces:
+                    extras.append("".join(pieces))
+                    pieces.clear()
+                extras.append(rest)
+        if text or rest:
+            self.deltas += 1
+
+    def take_extras(self) -> list[str | dict[str, Any]]:
+        """The last read's text and other deltas, in order (and forget them)."""
+        extras = self.extras or []
+        self.extras = []
+        return extras
 
     def _one_by_one(self, payloads: list[bytes]) -> list[Any]:
         """The chunks before the first one that is not JSON (and mark the stream failed)."""
