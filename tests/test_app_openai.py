@@ -1,11 +1,11 @@
-"""In-process: the /v1 surface's request translation, validation and error shape.
+"""In-process: the /v1 surface's request checks, the pass-through rule and the error shape.
 
-Streams and answers through the official SDK are the gunicorn tier's
-(tests/test_openai_compat.py). Here: what is refused before a generation
-starts, in OpenAI's error shape, and how OpenAI's body becomes ours
-(`openai_request`), as the code does it today: ``max_completion_tokens`` wins,
-text-part arrays are joined, ``X-Session-ID`` names the session, and every
-other field (``n`` included) is left out.
+Streams and answers through the official SDK and LangChain are the gunicorn
+tier's (tests/test_openai_compat.py, tests/test_openai_tools.py). Here: what is
+refused before a generation starts, in OpenAI's error shape, and how OpenAI's
+body is split (`parse_openai`) into what Sluice owns (model, messages, stream,
+stream_options, the token caps, temperature) and the fields forwarded
+unchanged (every other one, ``n`` only when 1).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 
 from streaming.core.sessions import SessionStore
-from streaming.web.openai_compat import openai_request
+from streaming.web.errors import ApiError
+from streaming.web.openai_request import OWNED, parse_openai
 
 pytestmark = [pytest.mark.app, pytest.mark.timeout(30)]
 
@@ -43,9 +44,31 @@ def openai_error(response) -> dict:
         ({"model": "gpt-4o-mini"}, "invalid_request", "messages"),
         ({"model": "gpt-4o-mini", "messages": "hi"}, "invalid_request", "messages"),
         ({"model": "gpt-4o-mini", "messages": [{"role": "tool", "content": "x"}]},
+         "invalid_request", "messages.0.tool_call_id"),
+        ({"model": "gpt-4o-mini", "messages": [{"role": "function", "content": "x"}]},
          "invalid_request", "messages.0.role"),
-        ({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [{"type": "image_url",
-          "image_url": {"url": "http://x/y.png"}}]}]}, "invalid_request", "messages.0.content"),
+        ({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": None}]},
+         "invalid_request", "messages.0.content"),
+        ({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": 5}]},
+         "invalid_request", "messages.0.content"),
+        ({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [{"text": "x"}]}]},
+         "invalid_request", "messages.0.content.0"),
+        ({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x",
+          "tool_calls": []}]}, "invalid_request", "messages.0.tool_calls"),
+        ({"model": "gpt-4o-mini", "messages": ["hi"]}, "invalid_request", "messages.0"),
+        ({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [{"type": "text",
+          "text": "x" * 32_001}]}]}, "invalid_request", "messages"),
+        ({"model": "gpt-4o-mini", "messages": user("hi"), "n": 2}, "invalid_request", "n"),
+        ({"model": "gpt-4o-mini", "messages": user("hi"), "n": "1"}, "invalid_request", "n"),
+        ({"model": "gpt-4o-mini", "messages": user("hi"), "tools": {"a": 1}}, "invalid_request",
+         "tools"),
+        ({"model": "gpt-4o-mini", "messages": user("hi"), "tool_choice": 3}, "invalid_request",
+         "tool_choice"),
+        ({"model": "gpt-4o-mini", "messages": user("hi"), "stop": [1]}, "invalid_request",
+         "stop"),
+        ({"model": "gpt-4o-mini", "messages": user("hi"), "response_format": "json"},
+         "invalid_request", "response_format"),
+        ({"model": 7, "messages": user("hi")}, "invalid_request", "model"),
         ({"model": "gpt-4o-mini", "messages": user("x" * 32_001)}, "invalid_request", "messages"),
         ({"model": "gpt-4o-mini", "messages": user("hi"), "stream": "yes"}, "invalid_request",
          "stream"),
@@ -54,7 +77,9 @@ def openai_error(response) -> dict:
         ({"model": "gpt-4o-mini", "messages": user("hi"),
           "stream_options": {"include_usage": "yes"}}, "invalid_request", "stream_options"),
         ({"model": "gpt-4o-mini", "messages": user("hi"), "max_completion_tokens": 0},
-         "invalid_request", "max_tokens"),
+         "invalid_request", "max_completion_tokens"),
+        ({"model": "gpt-4o-mini", "messages": user("hi"), "max_tokens": True}, "invalid_request",
+         "max_tokens"),
         ({"model": "gpt-4o-mini", "messages": user("hi"), "max_tokens": "5"}, "invalid_request",
          "max_tokens"),
     ],
@@ -128,15 +153,16 @@ def test_models(make_app):
     assert [m["id"] for m in only_default.get("/v1/models").get_json()["data"]] == ["gpt-4o"]
 
 
-# -- the translation, as today -----------------------------------------------------------
+# -- the pass-through rule ---------------------------------------------------------------
 
 
-def translate(app_client, body: dict, headers: dict | None = None):
-    with app_client.application.test_request_context(CHAT, headers=headers or {}):
-        return openai_request(body)
+def parse(body: dict):
+    return parse_openai(
+        body, allowed_models=("gpt-4o-mini", "gpt-4o"), default_model="gpt-4o-mini", max_chars=100
+    )
 
 
-def test_translation_keeps_what_sluice_uses(app_client):
+def test_what_sluice_owns():
     body = {
         "model": "gpt-4o",
         "messages": [
@@ -148,47 +174,67 @@ def test_translation_keeps_what_sluice_uses(app_client):
         "max_completion_tokens": 7,
         "temperature": 0.5,
         "stream": True,
-        "stream_options": {"include_usage": True},
+        "stream_options": {"include_usage": True, "include_obfuscation": False},
     }  # fmt: skip
-    ours, stream, include_usage = translate(app_client, body, {"X-Session-ID": "se_x"})
-    assert (stream, include_usage) == (True, True)
-    assert ours == {
-        "messages": [
-            {"role": "system", "content": "be brief"},
-            {"role": "user", "content": "a b"},
-        ],
-        "model": "gpt-4o",
-        "max_tokens": 7,  # max_completion_tokens wins
-        "temperature": 0.5,
-        "session_id": "se_x",
-    }
+    req = parse(body)
+    assert (req.stream, req.include_usage, req.model) == (True, True, "gpt-4o")
+    assert req.messages == body["messages"]  # forwarded as given, parts and all
+    assert (req.max_tokens, req.max_completion_tokens, req.temperature) == (10, 7, 0.5)
+    assert req.stream_options == {"include_obfuscation": False}  # include_usage is Sluice's
+    assert req.params == {}
+    assert set(body) == OWNED
 
 
-def test_translation_defaults(app_client):
-    ours, stream, include_usage = translate(app_client, {"messages": user("hi"), "max_tokens": 3})
-    assert (stream, include_usage) == (False, False)
-    assert ours["max_tokens"] == 3 and ours["model"] is None and ours["session_id"] is None
-    ours, stream, _ = translate(app_client, {"messages": user("hi"), "stream": None})
-    assert stream is False
+def test_defaults():
+    req = parse({"messages": user("hi"), "stream": None})
+    assert (req.stream, req.include_usage, req.model) == (False, False, "gpt-4o-mini")
+    assert req.max_tokens is req.max_completion_tokens is req.temperature is None
 
 
-def test_other_fields_are_left_out_today(app_client):
-    """Today's docs/API.md: other fields are ignored. `n` too (no 400, no forwarding)."""
+def test_every_other_field_is_forwarded_unchanged():
     extra = {
-        "n": 2,
-        "tools": [{"type": "function", "function": {"name": "f"}}],
-        "tool_choice": "auto",
-        "stop": ["x"],
+        "n": 1,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "tool_choice": {"type": "function", "function": {"name": "f"}},
+        "parallel_tool_calls": False,
+        "response_format": {"type": "json_object"},
+        "stop": ["x", "y"],
         "seed": 1,
         "user": "u",
         "top_p": 0.5,
-        "response_format": {"type": "json_object"},
+        "presence_penalty": 0.1,
+        "frequency_penalty": -0.2,
+        "logit_bias": {"50256": -100},
+        "logprobs": True,
+        "top_logprobs": 3,
+        "reasoning_effort": "low",
+        "metadata": {"k": "v"},
+        "store": False,
+        "a_field_openai_adds_later": {"nested": [1, 2]},
     }
-    ours, _, _ = translate(app_client, {"messages": user("hi"), **extra})
-    assert set(ours) == {"messages", "model", "max_tokens", "temperature", "session_id"}
+    assert parse({"messages": user("hi"), **extra}).params == extra
 
 
-def test_mixed_content_parts_are_left_to_validation(app_client):
-    parts = [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "u"}}]
-    ours, _, _ = translate(app_client, {"messages": [{"role": "user", "content": parts}]})
-    assert ours["messages"][0]["content"] == parts  # not joined: validation refuses it
+def test_every_role_and_content_shape_is_accepted_and_kept():
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    image = {"type": "image_url", "image_url": {"url": "http://x/y.png", "detail": "low"}}
+    messages = [
+        {"role": "developer", "content": "rules"},
+        {"role": "system", "content": [{"type": "text", "text": "sys"}]},
+        {"role": "user", "content": [{"type": "text", "text": "look"}, image], "name": "ann"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+        {"role": "assistant", "content": None, "refusal": "no"},
+        {"role": "user", "content": "thanks"},
+    ]
+    assert parse({"messages": messages}).messages == messages
+
+
+def test_max_prompt_chars_counts_the_text():
+    image = {"type": "image_url", "image_url": {"url": "http://x/" + "y" * 500}}
+    text = {"type": "text", "text": "x" * 60}
+    assert parse({"messages": [{"role": "user", "content": [text, image]}]})
+    with pytest.raises(ApiError) as info:
+        parse({"messages": [{"role": "user", "content": [text, text]}]})
+    assert (info.value.status, info.value.code) == (400, "invalid_request")
+    assert "'messages': more than 100 characters" in str(info.value)

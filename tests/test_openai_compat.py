@@ -108,7 +108,7 @@ def test_exact_wire_format_with_heartbeats(sluice):
         "messages": user("slow sim:delay=1.5 sim:tokens=3"),
         "stream": True,
         "stream_options": {"include_usage": True},
-        "n": 1,  # other OpenAI fields are ignored
+        "n": 1,  # forwarded (only 1 is accepted)
     }
     stream = EventStream(sluice.base, "/v1/chat/completions", body)
     assert stream.status == 200
@@ -266,7 +266,17 @@ def test_upstream_failure_mid_stream_raises_in_the_sdk(client):
         ({"model": "gpt-5-secret"}, "model_not_allowed", "model"),
         ({"temperature": 5}, "invalid_request", "temperature"),
         ({"messages": []}, "invalid_request", "messages"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "invalid_request", "messages.0.role"),
+        (
+            {"messages": [{"role": "tool", "content": "x"}]},
+            "invalid_request",
+            "messages.0.tool_call_id",
+        ),
+        (
+            {"messages": [{"role": "function", "content": "x"}]},
+            "invalid_request",
+            "messages.0.role",
+        ),
+        ({"n": 2}, "invalid_request", "n"),
         ({"messages": user("x" * 32_001)}, "invalid_request", "messages"),
         ({"extra_body": {"stream": "yes"}}, "invalid_request", "stream"),
     ],
