@@ -18,8 +18,25 @@ Directives: whitespace-separated ``sim:key=value`` words in the last message's c
     stall_after=N     after N content chunks send nothing for stall=S seconds, then go on
     malformed_after=N after N content chunks send ``data: {not json`` and then go on normally
     hang=S            wait S seconds before sending the response head at all
+    refuse=1          answer with a refusal (``refusal`` deltas, no content)
+    finish=NAME       end with this finish_reason (e.g. content_filter) instead of stop
 Non-streaming answers come after delay + tokens/rate (+ stall) seconds; close_after or
 truncate_after then close the connection unanswered.  Every wait notices the client closing.
+
+Like a tool-calling model (deterministic; ``tokens=`` counts only plain answers):
+- ``tools`` (and ``tool_choice`` not "none"), last message not a tool result: one tool call
+  to the first tool (or the one ``tool_choice`` names), streamed name first (with its id and
+  ``arguments: ""``), then the JSON arguments in fragments, then ``finish_reason:
+  "tool_calls"``.  Arguments follow the tool's JSON schema: a string property gets the last
+  words of the last user message ("weather in Paris" -> "Paris"), numbers 1, booleans true,
+  an ``enum`` its first value.  Non-streaming: the message's ``tool_calls``, content null.
+- a ``tool`` message last: an answer that quotes it ("The tool returned: <its content>").
+- ``response_format`` json_object / json_schema: the answer is JSON text (an object following
+  the schema, or ``{"answer": ...}``), in fragments.
+- ``stop``: the text ends before the first stop sequence (finish_reason stop).
+- ``logprobs``: each content chunk carries ``logprobs.content`` (``top_logprobs`` alternatives).
+- max_tokens / max_completion_tokens cut any answer (finish_reason length).
+/_sim/requests/<tag> also shows the request body as received (``request``, up to 64 KB).
 """
 
 from __future__ import annotations
@@ -53,12 +70,15 @@ _WORDS = tuple(
 )
 _NON_ASCII = ("café ", "naïve ", "jalapeño ", "über ", "façade ", "smörgåsbord ", "crème ")
 _INT_KEYS = {"tokens", "fail", "close_after", "truncate_after", "stall_after", "malformed_after"}
+_INT_KEYS |= {"refuse"}
 _KEYS = _INT_KEYS | {"rate", "delay", "stall", "hang", "retry_after"}
 _ACTIONS = ("malformed_after", "stall_after", "truncate_after", "close_after")
 _ERRORS = {401: ("invalid_request_error", "invalid_api_key"), 403: ("permission_error", None)}
 _ERRORS |= {404: ("invalid_request_error", "not_found"), 429: ("requests", "rate_limit_exceeded")}
 _FIELDS = ("tag", "state", "chunks_sent", "tokens_sent", "started", "ended", "model")
-_FIELDS += ("max_tokens", "messages_count")
+_FIELDS += ("max_tokens", "messages_count", "request")
+_REFUSAL = "I'm sorry, but I can't help with that request."
+_STRING_KEYS = ("tag", "finish")
 _MODEL = {"object": "model", "created": 1700000000, "owned_by": "sluice-simulator"}
 _MODEL_LIST = json.dumps({"object": "list", "data": [{"id": m, **_MODEL} for m in MODELS]}).encode()
 
@@ -85,9 +105,16 @@ class Record:
 
     __slots__ = (*_FIELDS, "done")
 
-    def __init__(self, tag: str, model: str, max_tokens: int | None, messages_count: int) -> None:
+    def __init__(
+        self,
+        tag: str,
+        model: str,
+        max_tokens: int | None,
+        messages_count: int,
+        request: dict[str, Any] | None = None,
+    ) -> None:
         self.tag, self.model, self.max_tokens = tag, model, max_tokens
-        self.messages_count = messages_count
+        self.messages_count, self.request = messages_count, request
         self.state, self.chunks_sent, self.tokens_sent = "open", 0, 0
         self.started, self.ended, self.done = time.time(), None, Event()
 
@@ -117,7 +144,9 @@ def parse_directives(text: str) -> tuple[dict[str, Any], str]:
         key, _, value = word[4:].partition("=")
         if not word.startswith("sim:"):
             words.append(word)
-        elif key == "tag" and value:
+        elif key in _STRING_KEYS and value:
+            if key == "finish" and not value.isidentifier():
+                raise ValueError(f"bad simulator directive {word!r}")
             opts[key] = value
         else:
             try:
@@ -135,6 +164,165 @@ def _text(content: Any) -> str:
     if isinstance(content, list):
         return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
     return content if isinstance(content, str) else ""
+
+
+# -- the answer a tool-calling model would give ----------------------------------------
+# An answer is a list of items: a str is a content token (the fast, pre-encoded path), a
+# dict is one choice's other fields (``delta``, maybe ``logprobs``) for one chunk.
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip(".,;:!?\"'()[]{}") for w in text.split() if w.strip(".,;:!?\"'()[]{}")]
+
+
+def _value(name: str, schema: Any, words: list[str], i: int) -> Any:
+    schema = schema if isinstance(schema, dict) else {}
+    kind = schema.get("type")
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    if kind == "integer" or kind == "number":
+        return 1
+    if kind == "boolean":
+        return True
+    if kind == "array":
+        return []
+    if kind == "object":
+        return _object(schema, words)
+    return words[-1 - i % len(words)] if words else name
+
+
+def _object(schema: Any, words: list[str]) -> dict[str, Any]:
+    props = schema.get("properties") if isinstance(schema, dict) else None
+    if not isinstance(props, dict):
+        return {}
+    return {name: _value(name, sub, words, i) for i, (name, sub) in enumerate(props.items())}
+
+
+def _pieces(text: str, size: int = 6) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)] or [""]
+
+
+def _tool(req: dict[str, Any]) -> dict[str, Any] | None:
+    """The function the model calls, or None (no tools, tool_choice none, a tool result last)."""
+    tools = [t for t in req.get("tools") or () if isinstance(t, dict)]
+    choice = req.get("tool_choice")
+    last = req["messages"][-1]
+    if not tools or choice == "none" or isinstance(last, dict) and last.get("role") == "tool":
+        return None
+    if isinstance(choice, dict):
+        wanted = (choice.get("function") or {}).get("name")
+        for tool in tools:
+            if (tool.get("function") or {}).get("name") == wanted:
+                return tool.get("function")
+    return tools[0].get("function") or {}
+
+
+def _tool_call(function: dict[str, Any], user_words: list[str], prompt: str) -> list[Any]:
+    name = str(function.get("name") or "tool")
+    arguments = json.dumps(_object(function.get("parameters"), user_words))
+    call_id = f"call_{zlib.crc32((prompt + name).encode('utf-8', 'surrogatepass')):08x}"
+    head = {"index": 0, "id": call_id, "type": "function"}
+    head["function"] = {"name": name, "arguments": ""}
+    items: list[Any] = [{"delta": {"tool_calls": [head]}}]
+    for piece in _pieces(arguments):
+        items.append({"delta": {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}})
+    return items
+
+
+def _json_answer(response_format: dict[str, Any], tokens: list[str]) -> list[str]:
+    schema = (response_format.get("json_schema") or {}).get("schema")
+    if response_format.get("type") == "json_schema" and isinstance(schema, dict):
+        obj = _object(schema, _words("".join(tokens)))
+    else:
+        obj = {"answer": "".join(tokens).strip()}
+    return _pieces(json.dumps(obj, ensure_ascii=False))
+
+
+def _stopped(tokens: list[str], stop: Any) -> tuple[list[str], bool]:
+    """The tokens up to the first stop sequence (cut inside a token if need be)."""
+    stops = [stop] if isinstance(stop, str) else [s for s in stop or () if isinstance(s, str)]
+    text = "".join(tokens)
+    cuts = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    if not cuts:
+        return tokens, False
+    end, out, at = min(cuts), [], 0
+    for tok in tokens:
+        if at + len(tok) > end:
+            if end > at:
+                out.append(tok[: end - at])
+            break
+        out.append(tok)
+        at += len(tok)
+    return out, True
+
+
+def _logprob(tok: str, k: int) -> dict[str, Any]:
+    seed = zlib.crc32(tok.encode("utf-8", "surrogatepass"))
+    lp = -round((seed % 1000) / 997, 4)
+
+    def entry(t: str, p: float) -> dict[str, Any]:
+        return {"token": t, "logprob": p, "bytes": list(t.encode())}
+
+    top = [entry(tok, lp)] + [
+        entry(_WORDS[(seed + j) % len(_WORDS)], round(lp - j - 0.5, 4)) for j in range(1, k)
+    ]
+    return {"content": [{**entry(tok, lp), "top_logprobs": top[:k]}], "refusal": None}
+
+
+def answer_items(
+    req: dict[str, Any], texts: list[str], opts: dict[str, Any], wanted: int
+) -> tuple[list[Any], str]:
+    """The items of the answer to `req` (before max_tokens) and its finish_reason."""
+    prompt = "\n".join(texts)
+    messages = req["messages"]
+    roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
+    users = [t for role, t in zip(roles, texts, strict=True) if role == "user"]
+    function = _tool(req)
+    if function is not None:
+        return _tool_call(function, _words(users[-1] if users else ""), prompt), "tool_calls"
+    finish = opts.get("finish", "stop")
+    if opts.get("refuse"):
+        return [{"delta": {"refusal": w}} for w in _pieces(_REFUSAL, 8)], finish
+    last = messages[-1]
+    if isinstance(last, dict) and last.get("role") == "tool":
+        tokens = [w + " " for w in f"The tool returned: {texts[-1]}".split()]
+    else:
+        tokens = tokens_for(prompt, wanted)
+    response_format = req.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") != "text":
+        tokens = _json_answer(response_format, tokens)
+    tokens, _ = _stopped(tokens, req.get("stop"))
+    if req.get("logprobs") is True:
+        k = req.get("top_logprobs") if type(req.get("top_logprobs")) is int else 0
+        return [{"delta": {"content": t}, "logprobs": _logprob(t, k)} for t in tokens], finish
+    return tokens, finish
+
+
+def _message(items: list[Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The whole message (and the choice's logprobs) that `items` stream."""
+    content, refusal, logprobs = [], [], []
+    calls: dict[str, Any] = {}
+    for item in items:
+        if isinstance(item, str):
+            content.append(item)
+            continue
+        delta = item["delta"]
+        content.append(delta.get("content") or "")
+        refusal.append(delta.get("refusal") or "")
+        for call in delta.get("tool_calls") or ():
+            if not calls:
+                calls = {k: v for k, v in call.items() if k != "index"}
+                calls["function"] = dict(call["function"])
+            else:
+                calls["function"]["arguments"] += call["function"].get("arguments", "")
+        if item.get("logprobs"):
+            logprobs += item["logprobs"]["content"]
+    text, refused = "".join(content), "".join(refusal) or None
+    message = {"role": "assistant", "content": text if text or not (calls or refused) else None}
+    message["refusal"] = refused
+    if calls:
+        message["tool_calls"] = [calls]
+    return message, ({"content": logprobs, "refusal": None} if logprobs else None)
 
 
 def _dumps(obj: Any) -> bytes:
@@ -284,12 +472,15 @@ class Simulator:
                 raise ValueError("max_tokens must be a positive integer.")
             texts = [_text(m.get("content")) if isinstance(m, dict) else "" for m in messages]
             opts, texts[-1] = parse_directives(texts[-1])
+            wanted = opts.get("tokens", self.defaults.tokens)
+            items, finish = answer_items(req, texts, opts, wanted)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             message = str(exc) if type(exc) is ValueError else ""
             return self._error(sock, 400, message or "Invalid JSON request body.", keep)
         self.requests += 1
         cid = f"chatcmpl-sim-{self.requests}"
-        rec = Record(opts.get("tag", cid), model, max_tokens, len(messages))
+        shown = req if len(body) <= 65536 else None
+        rec = Record(opts.get("tag", cid), model, max_tokens, len(messages), shown)
         self.records.pop(rec.tag, None)
         self.records[rec.tag] = rec
         if len(self.records) > MAX_RECORDS:
@@ -305,13 +496,13 @@ class Simulator:
                 self._error(sock, opts["fail"], f"Simulated error {opts['fail']}.", keep, extra)
                 rec.finish("failed")
                 return keep
-            wanted = opts.get("tokens", self.defaults.tokens)
-            n = min(wanted, max_tokens or wanted)
-            toks = tokens_for(prompt := "\n".join(texts), n)
+            n = min(len(items), max_tokens or len(items))
+            toks = items[:n]
+            prompt = "\n".join(texts)
             usage = {"prompt_tokens": len(prompt.split()) + 3 * len(messages)}
             usage |= {"completion_tokens": n, "total_tokens": usage["prompt_tokens"] + n}
             base = {"id": cid, "object": "", "created": int(time.time()), "model": model}
-            finish = "length" if n < wanted else "stop"
+            finish = "length" if n < len(items) else finish
             rate = opts.setdefault("rate", self.defaults.rate)
             delay = opts.setdefault("delay", self.defaults.delay)
             if req.get("stream"):
@@ -327,8 +518,8 @@ class Simulator:
             if {"close_after", "truncate_after"} & opts.keys():
                 rec.finish("aborted")
                 return False
-            message = {"role": "assistant", "content": "".join(toks), "refusal": None}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+            message, logprobs = _message(toks)
+            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
             base |= {"object": "chat.completion", "choices": [choice], "usage": usage}
             self._send(sock, 200, _dumps(base), keep)
             rec.tokens_sent = n
@@ -340,7 +531,7 @@ class Simulator:
         finally:
             watcher.kill()
 
-    def _stream(self, sock: Any, rec: Record, base: dict, toks: list[str], opts: dict) -> bool:
+    def _stream(self, sock: Any, rec: Record, base: dict, toks: list[Any], opts: dict) -> bool:
         """Stream *toks* as SSE chunks; True if the connection remains usable afterwards."""
         finish, usage, http11 = opts["finish"], opts["usage"], opts["http11"]
 
@@ -388,7 +579,9 @@ class Simulator:
                 gevent.sleep(pause)
             elif i & 15 == 15:
                 gevent.sleep(0)  # fairness between back-to-back streams
-            if (data := cache.get(tok := toks[i])) is None:
+            if type(tok := toks[i]) is not str:  # a tool call fragment, a refusal, logprobs
+                data = event([{"index": 0, **tok, "finish_reason": None}])
+            elif (data := cache.get(tok)) is None:
                 data = cache[tok] = frame(prefix + _dumps(tok) + suffix)
             sendall(data)
             rec.chunks_sent += 1

@@ -352,3 +352,91 @@ def test_each_write_leaves_at_once() -> None:
     peer = Peer()
     Simulator()._handle(peer, None)
     assert (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1) in peer.options
+
+
+# -- like a tool-calling model (issue 17) ----------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "days": {"type": "integer"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+        },
+    },
+}
+
+
+def test_tools_get_a_streamed_tool_call(client: openai.OpenAI, port: int) -> None:
+    tag = new_tag()
+    chunks = stream(client, f"weather in Paris sim:tag={tag}", tools=[WEATHER])
+    deltas = [c.choices[0].delta for c in chunks]
+    assert deltas[0].role == "assistant"
+    head = deltas[1].tool_calls[0]  # the name first, with the id and no arguments yet
+    assert (head.index, head.type, head.function.name, head.function.arguments) == (
+        0,
+        "function",
+        "get_weather",
+        "",
+    )
+    assert head.id.startswith("call_")
+    fragments = [d.tool_calls[0].function.arguments for d in deltas[2:-1]]
+    assert len(fragments) > 2 and all(d.tool_calls[0].id is None for d in deltas[2:-1])
+    arguments = json.loads("".join(fragments))
+    assert arguments == {"city": "Paris", "days": 1, "unit": "celsius"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert record(port, tag)["request"]["tools"] == [WEATHER]
+    messages = [{"role": "user", "content": "weather in Paris"}]
+    whole = client.chat.completions.create(model="sim-fast", messages=messages, tools=[WEATHER])
+    message = whole.choices[0].message
+    assert whole.choices[0].finish_reason == "tool_calls" and message.content is None
+    assert message.tool_calls[0].id == head.id
+    assert json.loads(message.tool_calls[0].function.arguments) == arguments
+    none = stream(client, "weather in Paris", tools=[WEATHER], tool_choice="none")
+    assert text_of(none) and none[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_tool_result_gets_an_answer_that_uses_it(client: openai.OpenAI) -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
+    ]
+    answer = client.chat.completions.create(model="sim-fast", messages=messages, tools=[WEATHER])
+    assert answer.choices[0].finish_reason == "stop"
+    assert answer.choices[0].message.content == 'The tool returned: {"temperature": 21} '
+
+
+def test_response_format_stop_logprobs_refusal_and_finish(client: openai.OpenAI) -> None:
+    json_text = text_of(stream(client, "hi sim:tokens=5", response_format={"type": "json_object"}))
+    assert set(json.loads(json_text)) == {"answer"}
+    properties = {"name": {"type": "string"}, "ok": {"type": "boolean"}}
+    schema = {"type": "object", "properties": properties}
+    shaped = stream(
+        client,
+        "a person called Ada",
+        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}},
+    )
+    assert json.loads(text_of(shaped)) == {"name": "Ada", "ok": True}
+    full = "".join(tokens_for("stop here", 30))
+    cut = stream(client, "stop here sim:tokens=30", stop=["many", "zzz"])
+    assert text_of(cut) == full[: full.index("many")]
+    assert cut[-1].choices[0].finish_reason == "stop"
+    probs = stream(client, "p sim:tokens=4", logprobs=True, top_logprobs=3)
+    entries = [c.choices[0].logprobs.content[0] for c in probs[1:-1]]
+    assert [e.token for e in entries] == tokens_for("p", 4)
+    assert all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in entries)
+    refused = client.chat.completions.create(
+        model="sim-fast", messages=[{"role": "user", "content": "x sim:refuse=1"}]
+    )
+    assert refused.choices[0].message.refusal and refused.choices[0].message.content is None
+    filtered = stream(client, "x sim:tokens=3 sim:finish=content_filter")
+    assert filtered[-1].choices[0].finish_reason == "content_filter"
+    with pytest.raises(openai.BadRequestError):
+        stream(client, "x sim:finish=not-a-name")
