@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
+import threading
 import time
 
+import psutil
 import pytest
 
 from devtools.harness import wait_for
@@ -128,3 +132,53 @@ def test_registry_entry_records_the_end(sluice, redis_client):
     entry = redis_client.hgetall(f"sluice:stream:{stream.stream_id}")
     assert entry[b"state"] == b"finished" and entry[b"reason"] == b"stop"
     assert 0 < redis_client.ttl(f"sluice:stream:{stream.stream_id}") <= 300
+
+
+def blocked_clients(redis_client, pids: list[int]) -> list[str]:
+    """Redis clients of these processes blocked in a command (BLPOP, XREAD BLOCK, ...)."""
+    redis_port = redis_client.connection_pool.connection_kwargs["port"]
+    ports = {
+        conn.laddr.port
+        for pid in pids
+        for conn in psutil.Process(pid).net_connections(kind="tcp")
+        if conn.raddr and conn.raddr.port == redis_port
+    }
+    return [
+        c["cmd"]
+        for c in redis_client.client_list()
+        if int(c["addr"].rsplit(":", 1)[1]) in ports and "b" in c["flags"]
+    ]
+
+
+@pytest.mark.timeout(90)
+def test_waiting_deletes_hold_no_redis_connection(make_sluice, redis_client, tag):
+    """Regression (issue 14): each DELETE waited for its acknowledgement in a BLPOP, holding
+    a pooled connection; now they wait on the worker's one listener."""
+    a, b = make_sluice(workers=1), make_sluice(workers=2)
+    stream = start_stream(a, tag)
+    owner = owner_pid(redis_client, stream.stream_id)
+    path = f"{PATH}/{stream.stream_id}"
+    os.kill(owner, signal.SIGSTOP)  # the owner can acknowledge nothing now
+    try:
+        results: list = []
+        threads = [
+            threading.Thread(target=lambda: results.append(request(b.base, "DELETE", path)))
+            for _ in range(50)
+        ]
+        for thread in threads:
+            thread.start()
+        samples = []
+
+        def answered() -> bool:
+            # while they wait (until the stopped owner's liveness key expires), none of
+            # B's connections is blocked in Redis
+            samples.append(blocked_clients(redis_client, b.worker_pids()))
+            return len(results) == 50
+
+        wait_for(answered, 30, "every DELETE answered")
+        assert len(samples) > 10 and not any(samples), samples
+        # the owner stopped ticking: its stream was buried, and every DELETE says so
+        assert [(status, body["status"]) for status, _, body in results] == [(200, "finished")] * 50
+    finally:
+        os.kill(owner, signal.SIGCONT)
+        stream.close()
