@@ -122,8 +122,14 @@ def workers_of_connections(
                             inodes[f"socket:[{fields[9]}]"] = remote_port
         except OSError:
             continue
+    return owners_of_sockets(inodes, worker_pids)
+
+
+def owners_of_sockets(inodes: dict[str, int], pids: list[int]) -> dict[int, int]:
+    """For sockets named by inode (``socket:[N]`` -> port): port -> the pid among `pids`
+    that holds it (read from /proc/<pid>/fd)."""
     found: dict[int, int] = {}
-    for pid in worker_pids:
+    for pid in pids:
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:

@@ -49,7 +49,15 @@ import time
 
 import redis
 
-from bench.stack import OUT, Stack, cpu_seconds, md_table, pct, wait_sim_idle
+from bench.stack import (
+    OUT,
+    Stack,
+    cpu_seconds,
+    md_table,
+    owners_of_sockets,
+    pct,
+    wait_sim_idle,
+)
 from devtools.simulator import tokens_for
 
 __all__ = ["run"]
@@ -273,20 +281,7 @@ def _sockets_to(pids: list[int], remote_port: int) -> dict[int, int]:
                         inodes[f"socket:[{fields[9]}]"] = int(fields[1].rsplit(":", 1)[1], 16)
         except OSError:
             continue
-    found: dict[int, int] = {}
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                port = inodes.get(os.readlink(f"/proc/{pid}/fd/{fd}"))
-            except OSError:
-                continue
-            if port is not None:
-                found[port] = pid
-    return found
+    return owners_of_sockets(inodes, pids)
 
 
 class ConnSampler:
