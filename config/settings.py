@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(32_000, ge=1, le=10_000_000)
     session_ttl_seconds: int = Field(604_800, ge=60)
     session_max_messages: int = Field(50, ge=2, le=10_000)
+    # tokens (prompt + completion) per owner per UTC day; None: no budget
+    token_budget_daily: int | None = Field(None, ge=1, le=10**15)
 
     _split = field_validator("allowed_models", "api_keys", mode="before")(_comma_list)
 
@@ -68,6 +70,11 @@ class Settings(BaseSettings):
         except ValueError as exc:
             raise ValueError("a rate such as '100/minute' or '10 per second'") from exc
         return value
+
+    @field_validator("token_budget_daily", mode="before")
+    @classmethod
+    def _unset_if_empty(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("redis_url")
     @classmethod

@@ -31,6 +31,7 @@ __all__ = [
     "TOKENS",
     "TTFT",
     "UPSTREAM_ERRORS",
+    "USAGE_TOKENS",
     "bp",
 ]
 
@@ -49,6 +50,14 @@ CANCEL_LATENCY = Histogram(
 )
 CLIENT_DISCONNECTS = Counter("sluice_client_disconnects", "Clients gone before the done event.")
 UPSTREAM_ERRORS = Counter("sluice_upstream_errors", "Upstream failures by error code.", ["code"])
+# Usage of finished generations (what the per-owner counters of streaming.core.usage add
+# up, estimates included), by surface ("api", "v1"), final reason and kind ("prompt",
+# "completion"). No owner label: per-owner figures are GET /api/v1/usage's.
+USAGE_TOKENS = Counter(
+    "sluice_usage_tokens",
+    "Tokens of finished generations (usage or its estimate) by surface, reason and kind.",
+    ["surface", "reason", "kind"],
+)
 LIMIT_REJECTIONS = Counter("sluice_rate_limit_rejections", "Requests refused by a limit.", ["code"])
 
 bp = Blueprint("metrics", __name__)

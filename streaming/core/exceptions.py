@@ -7,7 +7,7 @@ each to its status and error code of the API in one place
 
 from __future__ import annotations
 
-__all__ = ["NotFound", "SessionBusy", "StreamingError", "TooManyStreams"]
+__all__ = ["BudgetExhausted", "NotFound", "SessionBusy", "StreamingError", "TooManyStreams"]
 
 
 class StreamingError(Exception):
@@ -24,6 +24,16 @@ class TooManyStreams(StreamingError):
     """The client holds all of its concurrency slots (``MAX_CONCURRENT_STREAMS``)."""
 
     code = "too_many_streams"
+
+
+class BudgetExhausted(StreamingError):
+    """The client used its daily token budget (``TOKEN_BUDGET_DAILY``); it resets at `resets_at`."""
+
+    code = "budget_exhausted"
+
+    def __init__(self, message: str, resets_at: int):
+        super().__init__(message)
+        self.resets_at = resets_at  # epoch seconds: the end of the UTC day
 
 
 class SessionBusy(StreamingError):

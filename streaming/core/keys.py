@@ -13,6 +13,7 @@ One place, so a layout change is one edit. For stream id S (all under ``sluice:`
 For client C (its IP, or its owner in authenticated mode), session S and owner O:
 
 - ``slots:C``   concurrency slots (sorted set; see `streaming.core.slots`)
+- ``usage:C:D`` C's usage on UTC day D (``YYYY-MM-DD``; hash; see `streaming.core.usage`)
 - ``session:S``, ``session:S:messages``, ``session:S:live``, ``sessions:O``
   (see `streaming.core.sessions`)
 
@@ -30,6 +31,7 @@ __all__ = [
     "session",
     "sessions",
     "slots",
+    "usage",
     "watch",
     "worker",
 ]
@@ -69,3 +71,8 @@ def session(session_id: str, part: str = "") -> str:
 
 def sessions(owner: str) -> str:
     return f"sluice:sessions:{owner}"
+
+
+def usage(client: str, day: str) -> str:
+    """``day``: the UTC day, ``YYYY-MM-DD``."""
+    return f"sluice:usage:{client}:{day}"

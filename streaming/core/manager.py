@@ -9,16 +9,18 @@ wires the parts, each with one job and its own module:
 - `streaming.core.logreader`  one reader for every follower of another worker's stream
 - `streaming.core.cancelbus`  cancel across workers and hosts, and its acknowledgement
 - `streaming.core.upkeep`     the tick (leases, lost entries, cancel flags) and the watchdog
+- `streaming.core.usage`      usage per client and UTC day, the daily token budget
 - `streaming.core.keys`       every Redis key and channel
 
 Flows (docs/FLOWS.md has each with its keys and its test):
 
-- start: `start` admits, builds the `Generation` (its ``start`` event exists at
-  once) and spawns its reader greenlet.
+- start: `start` admits (budget, slot, lease, entry: one round trip), lowers
+  the request's token caps to the budget left, builds the `Generation` (its
+  ``start`` event exists at once) and spawns its reader greenlet.
 - finish: the generation's single ``finally`` calls `finished` once, after its
   ``done`` event: one pipeline writes the rest of the event log, marks the
-  entry finished, acknowledges a cancel, releases the slot and saves the
-  session turn.
+  entry finished, acknowledges a cancel, releases the slot, saves the
+  session turn and counts the ``done`` event's usage (at most once per stream).
 - cancel: `cancel` stops a local generation directly, or asks the cancel bus.
 - shutdown: `shutdown` ends every local stream with an ``interrupted`` error.
 
@@ -30,6 +32,7 @@ expires on its own if Redis stays away.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -39,6 +42,7 @@ import time
 import gevent
 import redis
 
+from streaming import metrics
 from streaming.core import keys
 from streaming.core.cancelbus import CancelBus
 from streaming.core.eventlog import EventLog
@@ -48,7 +52,9 @@ from streaming.core.registry import LIVE_TTL, Registry
 from streaming.core.sessions import SessionStore
 from streaming.core.slots import Slots
 from streaming.core.upkeep import Upkeep
+from streaming.core.usage import Usage, cap
 from streaming.redis_conn import RedisGate
+from streaming.sse import is_done_frame, read_frames
 from streaming.upstream.client import Upstream
 
 __all__ = ["RedisGate", "StreamManager", "new_stream_id", "valid_stream_id"]
@@ -67,6 +73,23 @@ def valid_stream_id(stream_id: str) -> bool:
     return len(stream_id) == 35 and stream_id.startswith("st_") and set(stream_id[3:]) <= _ID_CHARS
 
 
+def done_usage(gen: Generation) -> dict:
+    """The usage that the generation's ``done`` event carries (its last frame)."""
+    frame = gen.frames[-1] if gen.frames else b""
+    if is_done_frame(frame):
+        for event, data in read_frames(frame):
+            if event == b"done":
+                return json.loads(data).get("usage") or {}
+    return {}
+
+
+def _count_tokens(request: GenerationRequest, reason: str, usage: dict) -> None:
+    for kind in ("prompt", "completion"):
+        tokens = int(usage.get(f"{kind}_tokens") or 0)
+        if tokens:
+            metrics.USAGE_TOKENS.labels(request.surface, reason, kind).inc(tokens)
+
+
 class StreamManager:
     def __init__(self, redis_client: redis.Redis, settings, upstream: Upstream):
         self.redis = redis_client
@@ -79,12 +102,14 @@ class StreamManager:
         self.sessions = SessionStore(
             redis_client, settings.session_ttl_seconds, settings.session_max_messages
         )
+        self.usage = Usage(redis_client, settings.token_budget_daily)
         self.registry = Registry(
             redis_client,
             self.worker_id,
             self.slots,
             self.sessions,
             settings.stream_retention_seconds,
+            self.usage,
         )
         self.log = EventLog(redis_client, self.worker_id, LIVE_TTL)
         self.reader = LogReader(redis_client, self.log)
@@ -130,10 +155,13 @@ class StreamManager:
     # -- starting and finishing -----------------------------------------------------------
 
     def start(self, request: GenerationRequest) -> Generation:
-        """Admit the stream (`Registry.admit`: `TooManyStreams`, `SessionBusy`; a
-        RedisError means 503), then start its reader greenlet."""
+        """Admit the stream (`Registry.admit`: `BudgetExhausted`, `TooManyStreams`,
+        `SessionBusy`; a RedisError means 503), lower its token caps to the budget
+        left, then start its reader greenlet."""
         self._ensure_running()
-        self.registry.admit(request, time.time())
+        left = self.registry.admit(request, time.time())
+        if left is not None:
+            request = cap(request, left)
         gen = Generation(self, request)
         self.local[request.stream_id] = gen
         gen.greenlet = gevent.spawn(gen.run)
@@ -158,6 +186,9 @@ class StreamManager:
             self.sessions.save_turn(
                 pipe, request.session_id, request.new_messages, "".join(gen.text), interrupted
             )
+        usage = done_usage(gen)
+        self.usage.count(pipe, request.client, gen.stream_id, usage, time.time())
+        _count_tokens(request, gen.reason or "error", usage)
         try:
             replies = pipe.execute(raise_on_error=False)
         except redis.RedisError as exc:

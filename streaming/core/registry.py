@@ -6,14 +6,18 @@ the stream runs its TTL is `LIVE_TTL`, renewed every tick by the owning
 worker (`streaming.core.upkeep`), so a crashed worker's entries expire on their
 own; once finished it is kept for ``STREAM_RETENTION_SECONDS``.
 
-Admission is one round trip: a script takes the client's concurrency slot
-(`streaming.core.slots`), the session's live lease when the stream continues a
-session (`streaming.core.sessions`), and writes the entry, all or nothing. It is
-composed of those modules' own Lua functions, so each keeps its layout.
+Admission is one round trip: a script reads what is left of the client's daily
+token budget when there is one (`streaming.core.usage`), takes the client's
+concurrency slot (`streaming.core.slots`), the session's live lease when the
+stream continues a session (`streaming.core.sessions`), and writes the entry,
+all or nothing. It is composed of those modules' own Lua functions, so each
+keeps its layout. What is left of the budget comes back with the answer, and
+`StreamManager.start` lowers the request's token caps to it.
 
 Dead workers. Only Redis's own expiry is trusted, never another host's
 clock: a worker whose ``worker:W`` key expired (no tick for `WORKER_TTL`) is
 gone, and a stream it owned is recorded as finished (`bury`), freeing its slot.
+Its usage is not counted: it has no ``done`` event (see `streaming.core.usage`).
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import time
 import redis
 
 from streaming.core import keys
-from streaming.core.exceptions import SessionBusy, TooManyStreams
+from streaming.core.exceptions import BudgetExhausted, SessionBusy, TooManyStreams
 from streaming.core.generation import GenerationRequest
 from streaming.core.sessions import TAKE_LEASE_LUA, SessionStore
 from streaming.core.slots import SLOT_LUA, Slots
+from streaming.core.usage import BUDGET_LUA, Usage, resets_at
 
 __all__ = ["LIVE_TTL", "TICK", "WORKER_TTL", "Registry"]
 
@@ -37,19 +42,27 @@ TICK = 2.0  # the owning worker renews its entries this often
 LIVE_TTL = 20
 WORKER_TTL = 6  # three missed ticks
 
-# KEYS: slots, registry entry, session lease ("" for none).
-# ARGV: now, slot expiry, slot limit, stream id, slots key TTL, LIVE_TTL, field, value, ...
-# Returns 1 (admitted), 0 (no free slot) or -1 (the session is generating already).
+# KEYS: slots, registry entry, session lease ("" for none), today's usage ("" for no budget).
+# ARGV: now, slot expiry, slot limit, stream id, slots key TTL, LIVE_TTL, daily budget,
+#       field, value, ...
+# Returns {status, left}: status 1 (admitted), 0 (no free slot), -1 (the session is
+# generating already) or -2 (no budget left today); left: the budget left (-1: no budget).
 _ADMIT = (
-    SLOT_LUA
+    BUDGET_LUA
+    + SLOT_LUA
     + TAKE_LEASE_LUA
     + """
-if not slot_free(KEYS[1], ARGV[1], ARGV[3]) then return 0 end
-if KEYS[3] ~= '' and not take_lease(KEYS[3], ARGV[4], ARGV[6]) then return -1 end
+local left = -1
+if KEYS[4] ~= '' then
+  left = budget_left(KEYS[4], ARGV[7])
+  if left <= 0 then return {-2, 0} end
+end
+if not slot_free(KEYS[1], ARGV[1], ARGV[3]) then return {0, left} end
+if KEYS[3] ~= '' and not take_lease(KEYS[3], ARGV[4], ARGV[6]) then return {-1, left} end
 add_slot(KEYS[1], ARGV[2], ARGV[4], ARGV[5])
-redis.call('HSET', KEYS[2], unpack(ARGV, 7))
+redis.call('HSET', KEYS[2], unpack(ARGV, 8))
 redis.call('EXPIRE', KEYS[2], ARGV[6])
-return 1
+return {1, left}
 """
 )
 
@@ -73,12 +86,14 @@ class Registry:
         slots: Slots,
         sessions: SessionStore,
         retention: int,
+        usage: Usage | None = None,
     ):
         self.redis = redis_client
         self.worker_id = worker_id
         self.slots = slots
         self.sessions = sessions
         self.retention = retention
+        self.usage = usage if usage is not None else Usage(redis_client, None)
         self._admit = redis_client.register_script(_ADMIT)
         self._register_missing = redis_client.register_script(_REGISTER_MISSING)
 
@@ -93,21 +108,39 @@ class Registry:
             "session_id": request.session_id or "",
         }
 
-    def admit(self, request: GenerationRequest, now: float) -> None:
-        """Slot, session lease and entry in one round trip; a refusal raises its domain error."""
+    def admit(self, request: GenerationRequest, now: float) -> int | None:
+        """Budget, slot, session lease and entry in one round trip.
+
+        Returns the client's token budget left today (None: no budget); a
+        refusal raises its domain error and writes nothing.
+        """
         slots = self.slots
+        budget = self.usage.budget
         session_key = self.sessions.live_key(request.session_id) if request.session_id else ""
+        usage_key = self.usage.key(request.client, now) if budget is not None else ""
         args = [now, now + slots.lease, slots.limit, request.stream_id, slots.lease * 2, LIVE_TTL]
-        admitted = self._admit(
-            keys=[slots.key(request.client), keys.registry(request.stream_id), session_key],
+        args.append(budget if budget is not None else 0)
+        admitted, left = self._admit(
+            keys=[
+                slots.key(request.client),
+                keys.registry(request.stream_id),
+                session_key,
+                usage_key,
+            ],
             args=args + _flat(self.fields(request, now)),
         )
+        if admitted == -2:
+            raise BudgetExhausted(
+                f"The daily budget of {budget} tokens is used up; it resets at 00:00 UTC.",
+                resets_at(now),
+            )
         if admitted == 0:
             raise TooManyStreams(
                 f"At most {slots.limit} live streams per client; wait for one to end."
             )
         if admitted == -1:
             raise SessionBusy("This session is already generating an answer.")
+        return left if budget is not None else None
 
     def register_if_missing(
         self, pipe: redis.client.Pipeline, request: GenerationRequest, created: float
