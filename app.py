@@ -20,7 +20,7 @@ from streaming.core.manager import StreamManager
 from streaming.logs import configure_logging, install_request_log
 from streaming.redis_conn import connect
 from streaming.upstream.client import Upstream
-from streaming.web import api, openai_compat, ops, sessions_api
+from streaming.web import api, openai_compat, ops, sessions_api, usage_api
 from streaming.web.body_deadline import BodyDeadline
 from streaming.web.context import Sluice
 from streaming.web.errors import install_error_handlers
@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     install_request_log(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(sessions_api.bp)
+    app.register_blueprint(usage_api.bp)
     app.register_blueprint(ops.bp)
     app.register_blueprint(openai_compat.bp)
     app.register_blueprint(metrics.bp)

@@ -11,6 +11,8 @@ is replaced by the JSON shape on its way out.
 from __future__ import annotations
 
 import logging
+import math
+import time
 
 import redis
 from flask import Flask, Response, jsonify, request
@@ -18,13 +20,19 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
 from streaming import metrics
-from streaming.core.exceptions import NotFound, SessionBusy, StreamingError, TooManyStreams
+from streaming.core.exceptions import (
+    BudgetExhausted,
+    NotFound,
+    SessionBusy,
+    StreamingError,
+    TooManyStreams,
+)
 
 __all__ = ["ApiError", "error_response", "install_error_handlers", "redis_unavailable"]
 
 logger = logging.getLogger(__name__)
 
-_CORE_STATUS = {TooManyStreams: 429, SessionBusy: 409, NotFound: 404}
+_CORE_STATUS = {TooManyStreams: 429, BudgetExhausted: 429, SessionBusy: 409, NotFound: 404}
 
 _HTTP_CODES = {
     400: ("invalid_request", None),
@@ -78,7 +86,10 @@ def install_error_handlers(app: Flask) -> None:
         status = _CORE_STATUS.get(type(exc), 500)
         if status == 429:
             metrics.LIMIT_REJECTIONS.labels(exc.code).inc()
-        return error_response(status, exc.code, exc.message)
+        headers = {}
+        if isinstance(exc, BudgetExhausted):  # until the budget resets (the UTC day ends)
+            headers["Retry-After"] = str(max(1, math.ceil(exc.resets_at - time.time())))
+        return error_response(status, exc.code, exc.message, headers)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
