@@ -138,6 +138,11 @@ def test_a_session_already_generating_is_409_in_openai_shape(app_client, app_red
         CHAT, json={"messages": user("hi")}, headers={"X-Session-ID": "se_" + "0" * 32}
     )
     assert unknown.status_code == 404 and openai_error(unknown)["code"] == "not_found"
+    too_long = app_client.post(
+        CHAT, json={"messages": user("hi")}, headers={"X-Session-ID": "se_" + "0" * 70}
+    )
+    assert too_long.status_code == 400
+    assert openai_error(too_long)["param"] == "session_id"
 
 
 def test_models(make_app):

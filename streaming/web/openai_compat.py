@@ -108,10 +108,13 @@ def chat_completions() -> Response:
         default_model=settings.llm_model,
         max_chars=settings.max_prompt_chars,
     )
-    body = CompletionBody.model_construct(
+    session_id = request.headers.get("X-Session-ID") or None
+    if session_id is not None and len(session_id) > 64:
+        raise ApiError(400, "invalid_request", "Invalid field 'session_id': too long.")
+    body = CompletionBody.model_construct(  # checked above, as the native body would be
         prompt=None,
         messages=None,
-        session_id=request.headers.get("X-Session-ID") or None,
+        session_id=session_id,
         model=req.model,
         max_tokens=req.max_tokens,
         temperature=req.temperature,
