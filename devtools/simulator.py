@@ -32,7 +32,8 @@ Like a tool-calling model (deterministic; ``tokens=`` counts only plain answers)
   an ``enum`` its first value.  Non-streaming: the message's ``tool_calls``, content null.
 - a ``tool`` message last: an answer that quotes it ("The tool returned: <its content>").
 - ``response_format`` json_object / json_schema: the answer is JSON text (an object following
-  the schema, or ``{"answer": ...}``), in fragments.
+  the schema, its strings taken from the last user message as for tool arguments, or
+  ``{"answer": <the text>}``), in fragments.
 - ``stop``: the text ends before the first stop sequence (finish_reason stop).
 - ``logprobs``: each content chunk carries ``logprobs.content`` (``top_logprobs`` alternatives).
 - max_tokens / max_completion_tokens cut any answer (finish_reason length).
@@ -229,10 +230,10 @@ def _tool_call(function: dict[str, Any], user_words: list[str], prompt: str) -> 
     return items
 
 
-def _json_answer(response_format: dict[str, Any], tokens: list[str]) -> list[str]:
+def _json_answer(response_format: dict[str, Any], tokens: list[str], words: list[str]) -> list[str]:
     schema = (response_format.get("json_schema") or {}).get("schema")
     if response_format.get("type") == "json_schema" and isinstance(schema, dict):
-        obj = _object(schema, _words("".join(tokens)))
+        obj = _object(schema, words)
     else:
         obj = {"answer": "".join(tokens).strip()}
     return _pieces(json.dumps(obj, ensure_ascii=False))
@@ -277,9 +278,10 @@ def answer_items(
     messages = req["messages"]
     roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
     users = [t for role, t in zip(roles, texts, strict=True) if role == "user"]
+    words = _words(users[-1] if users else "")
     function = _tool(req)
     if function is not None:
-        return _tool_call(function, _words(users[-1] if users else ""), prompt), "tool_calls"
+        return _tool_call(function, words, prompt), "tool_calls"
     finish = opts.get("finish", "stop")
     if opts.get("refuse"):
         return [{"delta": {"refusal": w}} for w in _pieces(_REFUSAL, 8)], finish
@@ -290,7 +292,7 @@ def answer_items(
         tokens = tokens_for(prompt, wanted)
     response_format = req.get("response_format")
     if isinstance(response_format, dict) and response_format.get("type") != "text":
-        tokens = _json_answer(response_format, tokens)
+        tokens = _json_answer(response_format, tokens, words)
     tokens, _ = _stopped(tokens, req.get("stop"))
     if req.get("logprobs") is True:
         k = req.get("top_logprobs") if type(req.get("top_logprobs")) is int else 0
