@@ -372,3 +372,15 @@ def test_delete_cancels_a_tool_call_stream_with_estimated_usage(sluice, simulato
     usage = done["usage"]  # the upstream sent none: estimated, the tool call's text counted
     assert usage["estimated"] is True and usage["completion_tokens"] >= 1
     assert usage["prompt_tokens"] >= 1
+
+
+def test_an_upstream_refusing_a_forwarded_field_says_why(both):
+    via, _ = both
+    with pytest.raises(openai.InternalServerError) as info:
+        via.chat.completions.create(model=MODEL, messages=user("x sim:fail=400"), seed=1)
+    error = info.value
+    assert (error.status_code, error.code) == (502, "upstream_error")
+    assert error.body["message"] == "The model provider answered HTTP 400: Simulated error 400."
+    with pytest.raises(openai.APIError) as info:
+        list(via.chat.completions.create(model=MODEL, messages=user("x sim:fail=422"), stream=True))
+    assert "HTTP 422: Simulated error 422." in info.value.message
