@@ -108,3 +108,39 @@ def test_native_followers_drop_delta_events():
     assert split_frames(without_deltas(joined)) == [frames[0], frames[2], frames[3], frames[4]]
     plain = frames[0] + frames[2]
     assert without_deltas(plain) is plain
+
+
+def test_deltas_accumulate_as_the_sdks_do():
+    from streaming.web.openai_answer import accumulate
+
+    acc: dict = {}
+    for delta in [
+        {"tool_calls": [{"index": 0, "id": "a", "type": "function", "function": {"name": "f"}}]},
+        {"tool_calls": [{"index": 1, "id": "b", "type": "function", "function": {"name": "g"}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"x":'}}]},
+        {"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": " 1}"}}]},
+        {"refusal": "no"},
+        {"refusal": " way"},
+        {"a_provider_field": ["p"]},
+        {"a_provider_field": ["q"]},
+    ]:
+        accumulate(acc, delta)
+    assert acc == {
+        "tool_calls": [
+            {
+                "index": 0,
+                "id": "a",
+                "type": "function",
+                "function": {"name": "f", "arguments": '{"x": 1}'},
+            },
+            {
+                "index": 1,
+                "id": "b",
+                "type": "function",
+                "function": {"name": "g", "arguments": "{}"},
+            },
+        ],
+        "refusal": "no way",
+        "a_provider_field": ["p", "q"],
+    }
