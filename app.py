@@ -15,7 +15,6 @@ from redis.retry import Retry
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config.settings import Settings, load_settings
-from streaming import metrics
 from streaming.core.manager import StreamManager
 from streaming.logs import configure_logging, install_request_log
 from streaming.redis_conn import connect
@@ -76,7 +75,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(usage_api.bp)
     app.register_blueprint(ops.bp)
     app.register_blueprint(openai_compat.bp)
-    app.register_blueprint(metrics.bp)
     return app
 
 

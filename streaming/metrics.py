@@ -3,14 +3,14 @@
 The gunicorn master sets ``PROMETHEUS_MULTIPROC_DIR`` (a fresh directory)
 before forking; each worker writes its own files there and ``/metrics``
 aggregates them. Without that variable (a single process) the default
-registry is used.
+registry is used. No Flask here (the core counts into these); the route is
+`streaming.web.ops`.
 """
 
 from __future__ import annotations
 
 import os
 
-from flask import Blueprint, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -32,7 +32,7 @@ __all__ = [
     "TTFT",
     "UPSTREAM_ERRORS",
     "USAGE_TOKENS",
-    "bp",
+    "exposition",
 ]
 
 LIVE_STREAMS = Gauge("sluice_live_streams", "Generations running now.", multiprocess_mode="livesum")
@@ -60,14 +60,12 @@ USAGE_TOKENS = Counter(
 )
 LIMIT_REJECTIONS = Counter("sluice_rate_limit_rejections", "Requests refused by a limit.", ["code"])
 
-bp = Blueprint("metrics", __name__)
 
-
-@bp.get("/metrics")
-def metrics() -> Response:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+def exposition() -> tuple[bytes, str]:
+    """The Prometheus text of every worker (the body of ``GET /metrics``) and its type."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # prometheus_client's own variable
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     else:
         registry = REGISTRY
-    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+    return generate_latest(registry), CONTENT_TYPE_LATEST

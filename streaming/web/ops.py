@@ -1,4 +1,4 @@
-"""Operations routes: liveness, readiness, the chat page."""
+"""Operations routes: liveness, readiness, Prometheus metrics, the chat page."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import redis
 from flask import Blueprint, Response, jsonify, send_from_directory
 
+from streaming import metrics
 from streaming.web.context import sluice
 from streaming.web.errors import redis_unavailable
 
@@ -20,6 +21,12 @@ bp = Blueprint("ops", __name__)
 @bp.get("/health")
 def health() -> Response:
     return jsonify(status="ok")
+
+
+@bp.get("/metrics")
+def prometheus() -> Response:
+    body, content_type = metrics.exposition()
+    return Response(body, content_type=content_type)
 
 
 @bp.get("/ready")
