@@ -29,7 +29,6 @@ from streaming.core.usage import (
     Usage,
     cap,
     day_of,
-    prompt_estimate,
     resets_at,
 )
 from tests.app_tier import app_settings, db_url
@@ -281,24 +280,17 @@ def test_days_are_utc():
 
 
 def test_cap_lowers_every_cap_present_and_sets_max_tokens_when_none():
-    prompt = "p" * 40  # an estimate of 10 tokens
-    assert prompt_estimate([{"role": "user", "content": prompt}]) == 10
-    assert cap(request(prompt), 100).max_tokens == 90
+    prompt = "p" * 40
+    assert cap(request(prompt), 100).max_tokens == 100  # what remains (API.md §10)
     assert cap(request(prompt, max_tokens=20), 100).max_tokens == 20
-    assert cap(request(prompt, max_tokens=500), 100).max_tokens == 90
-    assert cap(request(prompt), 5).max_tokens == 1  # admitted: at least one token
+    assert cap(request(prompt, max_tokens=500), 100).max_tokens == 100
+    assert cap(request(prompt), 0).max_tokens == 1  # admitted: at least one token
 
     both = cap(request(prompt, max_tokens=500, max_completion_tokens=30), 100)
-    assert (both.max_tokens, both.max_completion_tokens) == (90, 30)
+    assert (both.max_tokens, both.max_completion_tokens) == (100, 30)
     only = cap(request(prompt, max_completion_tokens=500), 100)
-    assert (only.max_tokens, only.max_completion_tokens) == (None, 90)
+    assert (only.max_tokens, only.max_completion_tokens) == (None, 100)
     assert cap(request(prompt), 100).max_completion_tokens is None
-
-
-def test_the_estimate_counts_text_parts():
-    parts = [{"type": "text", "text": "a" * 20}, {"type": "image_url", "image_url": {}}]
-    assert prompt_estimate([{"content": parts}, {"content": "b" * 20}]) == 10
-    assert prompt_estimate([{"content": None}]) == 1
 
 
 def test_a_budget_caps_the_request_the_upstream_gets(make_manager, upstream, app_redis):
@@ -307,5 +299,5 @@ def test_a_budget_caps_the_request_the_upstream_gets(make_manager, upstream, app
     upstream.next = Stream(["a"], usage={"prompt_tokens": 10, "completion_tokens": 1})
     gen = manager.start(request("p" * 40, max_tokens=1000))
     assert gen.ended.wait(WAIT)
-    assert upstream.opened[0]["max_tokens"] == 100 - 40 - 10
-    assert gen.request.max_tokens == 50
+    assert upstream.opened[0]["max_tokens"] == 100 - 40  # what remains (API.md §10)
+    assert gen.request.max_tokens == 60

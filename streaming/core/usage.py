@@ -22,7 +22,8 @@ Flows (docs/FLOWS.md, "Usage and budgets"):
   (`streaming.core.registry`): the start's one round trip also reads what is
   left today; nothing left refuses the start (`BudgetExhausted`, with the
   reset time). `cap` then lowers the request's token caps to what is left
-  minus the prompt's estimate.
+  (API.md §10: the cap is what remains, so a stream overshoots by at most its
+  prompt and the rounding).
 - read: `Usage.read` is ``GET /api/v1/usage``.
 
 A worker that died (SIGKILL, OOM, a lost host) never runs its final pipeline:
@@ -41,7 +42,6 @@ import redis
 
 from streaming.core import keys
 from streaming.core.generation import GenerationRequest
-from streaming.core.messages import text_length
 
 __all__ = [
     "BUDGET_LUA",
@@ -50,7 +50,6 @@ __all__ = [
     "Usage",
     "cap",
     "day_of",
-    "prompt_estimate",
     "resets_at",
 ]
 
@@ -92,18 +91,13 @@ def resets_at(now: float) -> int:
     return (int(now) // DAY + 1) * DAY
 
 
-def prompt_estimate(messages: list[dict[str, Any]]) -> int:
-    """The prompt's tokens estimated from its text (the rule of the ``done`` estimate)."""
-    return max(1, text_length(messages) // 4)
-
-
 def cap(request: GenerationRequest, remaining: int) -> GenerationRequest:
-    """`request` with every token cap it carries at most what is left after its prompt.
+    """`request` with every token cap it carries at most what is left today.
 
     With no cap, ``max_tokens`` is set. At least 1: a start that was admitted
     may generate a token (only "nothing left" refuses a start).
     """
-    limit = max(1, remaining - prompt_estimate(request.messages))
+    limit = max(1, remaining)
     names = {f.name for f in dataclasses.fields(request)}
     present = {
         name: min(value, limit)
