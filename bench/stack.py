@@ -16,6 +16,7 @@ import resource
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -107,22 +108,28 @@ def workers_of_connections(
     not accepted yet are missing. Like devtools/harness.py's worker_of_connection, but reads
     /proc directly and for several connections at once (psutil takes ~30 ms a call here)."""
     wanted = set(client_ports)
-    inodes: dict[str, int] = {}
+    inodes = {
+        inode: remote
+        for local, remote, inode in tcp_sockets()
+        if remote in wanted and local == server_port
+    }
+    return owners_of_sockets(inodes, worker_pids)
+
+
+def tcp_sockets() -> Iterator[tuple[int, int, str]]:
+    """(local port, remote port, ``socket:[inode]``) of every TCP socket on this machine."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as lines:
                 next(lines)
                 for line in lines:
                     fields = line.split()
-                    remote_port = int(fields[2].rsplit(":", 1)[1], 16)
-                    if remote_port in wanted and int(fields[1].rsplit(":", 1)[1], 16) == (
-                        server_port
-                    ):
-                        if fields[9] != "0":
-                            inodes[f"socket:[{fields[9]}]"] = remote_port
+                    if fields[9] != "0":
+                        local = int(fields[1].rsplit(":", 1)[1], 16)
+                        remote = int(fields[2].rsplit(":", 1)[1], 16)
+                        yield local, remote, f"socket:[{fields[9]}]"
         except OSError:
             continue
-    return owners_of_sockets(inodes, worker_pids)
 
 
 def owners_of_sockets(inodes: dict[str, int], pids: list[int]) -> dict[int, int]:

@@ -56,6 +56,7 @@ from bench.stack import (
     md_table,
     owners_of_sockets,
     pct,
+    tcp_sockets,
     wait_sim_idle,
 )
 from devtools.simulator import tokens_for
@@ -270,17 +271,7 @@ def _resume(port: int, stream_id: str) -> bytes:
 
 def _sockets_to(pids: list[int], remote_port: int) -> dict[int, int]:
     """local port -> pid, for the TCP sockets of `pids` connected to 127.0.0.1:remote_port."""
-    inodes: dict[str, int] = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as lines:
-                next(lines)
-                for line in lines:
-                    fields = line.split()
-                    if int(fields[2].rsplit(":", 1)[1], 16) == remote_port and fields[9] != "0":
-                        inodes[f"socket:[{fields[9]}]"] = int(fields[1].rsplit(":", 1)[1], 16)
-        except OSError:
-            continue
+    inodes = {inode: local for local, remote, inode in tcp_sockets() if remote == remote_port}
     return owners_of_sockets(inodes, pids)
 
 
