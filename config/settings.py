@@ -60,9 +60,26 @@ class Settings(BaseSettings):
     # tokens (prompt + completion) per owner per UTC day; None: no budget
     token_budget_daily: int | None = Field(None, ge=1, le=10**15)
 
-    _split = field_validator("allowed_models", "api_keys", mode="before")(_comma_list)
+    # identity (API.md section 2)
+    jwt_secret: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    auth_session_ttl_seconds: int = Field(86_400, ge=60, le=90 * 86400)
+    cors_origins: CommaList = ()
+    rate_limit_auth_failures: str = "20/minute"
 
-    @field_validator("rate_limit_default", "rate_limit_stream")
+    # several upstreams (API.md section 11)
+    upstreams_file: str | None = None
+    upstream_head_timeout_seconds: float = Field(10.0, gt=0, le=3600)
+    upstream_failure_threshold: int = Field(3, ge=1, le=1000)
+    upstream_cooldown_seconds: float = Field(30.0, gt=0, le=86400)
+
+    _split = field_validator("allowed_models", "api_keys", "cors_origins", mode="before")(
+        _comma_list
+    )
+
+    @field_validator("rate_limit_default", "rate_limit_stream", "rate_limit_auth_failures")
     @classmethod
     def _rate_limit(cls, value: str) -> str:
         try:
@@ -71,7 +88,15 @@ class Settings(BaseSettings):
             raise ValueError("a rate such as '100/minute' or '10 per second'") from exc
         return value
 
-    @field_validator("token_budget_daily", mode="before")
+    @field_validator(
+        "token_budget_daily",
+        "jwt_secret",
+        "jwt_jwks_url",
+        "jwt_issuer",
+        "jwt_audience",
+        "upstreams_file",
+        mode="before",
+    )
     @classmethod
     def _unset_if_empty(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -80,9 +105,11 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
         if value and not value.startswith(
-            ("redis://", "rediss://", "unix://", "redis+sentinel://")
+            ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
         ):
-            raise ValueError("a redis://, rediss://, unix:// or redis+sentinel:// URL")
+            raise ValueError(
+                "a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL"
+            )
         return value or None
 
     @model_validator(mode="after")
@@ -93,6 +120,10 @@ class Settings(BaseSettings):
                     raise ValueError(f"{name.upper()} is required when APP_ENV=production")
         if self.allowed_models and self.llm_model not in self.allowed_models:
             raise ValueError("ALLOWED_MODELS must include LLM_MODEL")
+        if self.upstream_head_timeout_seconds > self.upstream_timeout_seconds:
+            raise ValueError(
+                "UPSTREAM_HEAD_TIMEOUT_SECONDS must not exceed UPSTREAM_TIMEOUT_SECONDS"
+            )
         return self
 
     @property
@@ -101,8 +132,13 @@ class Settings(BaseSettings):
         return self.allowed_models or (self.llm_model,)
 
     @property
+    def jwt_enabled(self) -> bool:
+        return bool(self.jwt_secret or self.jwt_jwks_url)
+
+    @property
     def authenticated(self) -> bool:
-        return bool(self.api_keys)
+        """API keys or JWT on (API.md section 2); with neither, open mode."""
+        return bool(self.api_keys) or self.jwt_enabled
 
 
 def _describe(error: ValidationError) -> str:
