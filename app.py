@@ -17,8 +17,8 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from config.settings import Settings, load_settings
 from streaming.core.manager import StreamManager
 from streaming.logs import configure_logging, install_request_log
-from streaming.redis_conn import connect
-from streaming.upstream.client import Upstream
+from streaming.redis_conn import RedisGate, connect
+from streaming.upstream.routing import Router
 from streaming.web import api, openai_compat, ops, sessions_api, usage_api
 from streaming.web.body_deadline import BodyDeadline
 from streaming.web.context import Sluice
@@ -54,12 +54,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         # redis-py's default exponential retries.
         retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
     )
-    upstream = Upstream(
-        base_url=settings.openai_base_url,
-        api_key=settings.openai_api_key or SIMULATOR_API_KEY,
-        timeout=settings.upstream_timeout_seconds,
-    )
-    manager = StreamManager(redis_client, settings, upstream)
+    # the upstreams (one without UPSTREAMS_FILE), their clients and shared breaker
+    gate = RedisGate()
+    upstream = Router.from_settings(settings, redis_client, gate)
+    manager = StreamManager(redis_client, settings, upstream, gate)
     app.extensions["sluice"] = Sluice(settings, redis_client, upstream, manager)
 
     if settings.trusted_proxies:

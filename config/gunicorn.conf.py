@@ -57,7 +57,11 @@ def on_starting(server):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sluice-metrics-")
     if not os.environ.get("REDIS_URL"):
         os.environ["REDIS_URL"] = devservices.start_redis()
-    if not os.environ.get("OPENAI_API_KEY") and not os.environ.get("OPENAI_BASE_URL"):
+    if not (
+        _settings.upstreams_file
+        or os.environ.get("OPENAI_API_KEY")
+        or os.environ.get("OPENAI_BASE_URL")
+    ):
         os.environ["OPENAI_BASE_URL"] = devservices.start_simulator()
 
 

@@ -7,10 +7,17 @@ value stops the process with one line naming the variable and what it accepts.
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 from typing import Annotated, Literal
 
 from limits import parse_many
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings", "SettingsError", "load_settings"]
@@ -23,6 +30,10 @@ def _comma_list(value: object) -> object:
 
 
 CommaList = Annotated[tuple[str, ...], NoDecode]
+
+
+# The environment being read (load_settings' mapping): UPSTREAMS_FILE's keys come from it.
+_ENVIRON: ContextVar[dict[str, str] | None] = ContextVar("sluice_settings_environ", default=None)
 
 
 class SettingsError(Exception):
@@ -74,6 +85,8 @@ class Settings(BaseSettings):
     upstream_head_timeout_seconds: float = Field(10.0, gt=0, le=3600)
     upstream_failure_threshold: int = Field(3, ge=1, le=1000)
     upstream_cooldown_seconds: float = Field(30.0, gt=0, le=86400)
+    # the parsed UPSTREAMS_FILE (streaming.upstream.upstreams); () without the file
+    _upstreams: tuple = PrivateAttr(())
 
     _split = field_validator("allowed_models", "api_keys", "cors_origins", mode="before")(
         _comma_list
@@ -115,12 +128,28 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _production_requires(self) -> Settings:
         if self.app_env == "production":
-            for name in ("redis_url", "openai_api_key", "secret_key"):
+            required = ("redis_url", "secret_key")
+            if not self.upstreams_file:  # with the file, each upstream names its key
+                required += ("openai_api_key",)
+            for name in required:
                 if not getattr(self, name):
                     raise ValueError(f"{name.upper()} is required when APP_ENV=production")
-        if self.allowed_models and self.llm_model not in self.allowed_models:
+        if self.upstreams_file:
+            from streaming.upstream.upstreams import load_upstreams
+
+            environ = _ENVIRON.get()
+            environ = os.environ if environ is None else environ
+            self._upstreams = load_upstreams(
+                self.upstreams_file, environ, self.app_env == "production"
+            )
+            if self.llm_model not in self.models:
+                raise ValueError("LLM_MODEL must be one of the upstreams' allowed models")
+        elif self.allowed_models and self.llm_model not in self.allowed_models:
             raise ValueError("ALLOWED_MODELS must include LLM_MODEL")
-        if self.upstream_head_timeout_seconds > self.upstream_timeout_seconds:
+        if (
+            "upstream_head_timeout_seconds" in self.model_fields_set
+            and self.upstream_head_timeout_seconds > self.upstream_timeout_seconds
+        ):
             raise ValueError(
                 "UPSTREAM_HEAD_TIMEOUT_SECONDS must not exceed UPSTREAM_TIMEOUT_SECONDS"
             )
@@ -128,8 +157,26 @@ class Settings(BaseSettings):
 
     @property
     def models(self) -> tuple[str, ...]:
-        """The models a request may name (the default model when none are listed)."""
+        """The models a request may name (the default model when none are listed).
+
+        With UPSTREAMS_FILE: the union of the upstreams' models, in file order,
+        narrowed by ALLOWED_MODELS when it is set (API.md section 11).
+        """
+        if self._upstreams:
+            union = dict.fromkeys(m for spec in self._upstreams for m in spec.models)
+            return tuple(m for m in union if not self.allowed_models or m in self.allowed_models)
         return self.allowed_models or (self.llm_model,)
+
+    @property
+    def upstreams(self) -> tuple:
+        """The upstreams (`streaming.upstream.upstreams.UpstreamSpec`); () without the file."""
+        return self._upstreams
+
+    @property
+    def upstream_head_timeout(self) -> float:
+        """UPSTREAM_HEAD_TIMEOUT_SECONDS, never above UPSTREAM_TIMEOUT_SECONDS (its default
+        of 10 s yields to a shorter upstream timeout; a value set above it is an error)."""
+        return min(self.upstream_head_timeout_seconds, self.upstream_timeout_seconds)
 
     @property
     def jwt_enabled(self) -> bool:
@@ -157,7 +204,10 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: object) ->
         key.lower(): val for key, val in source.items() if key.lower() in Settings.model_fields
     }
     values.update(overrides)
+    token = _ENVIRON.set(source)
     try:
         return Settings.model_validate(values) if environ is not None else Settings(**overrides)
     except ValidationError as exc:
         raise SettingsError(_describe(exc)) from None
+    finally:
+        _ENVIRON.reset(token)

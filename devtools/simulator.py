@@ -1,7 +1,7 @@
 """Sluice upstream simulator: a fast, deterministic, observable OpenAI-compatible server.
 
 ``python -m devtools.simulator [--host 127.0.0.1] [--port 0] [--tokens 64] [--rate 40]
-[--delay 0.3]`` prints ``simulator listening on http://HOST:PORT`` once it accepts connections
+[--delay 0.3] [--name NAME]`` prints ``simulator listening on http://HOST:PORT`` once it accepts connections
 and exits 0 on SIGTERM/SIGINT (rate: tokens/s, 0 = unthrottled; delay: seconds before the first
 content token).  In-process: ``serve(...)``, or ``Simulator(...).start()`` under gevent.
 
@@ -10,6 +10,8 @@ GET /_sim/requests/<tag>?wait=seen|ended&timeout=<s> (the request's record; stat
 completed, client_closed, aborted = closed on purpose, failed = answered an HTTP error).
 
 Directives: whitespace-separated ``sim:key=value`` words in the last message's content.
+``sim:NAME.key=value`` applies only on the simulator started with ``--name NAME`` (several
+simulators as several upstreams: ``sim:primary.fail=503`` fails on the primary alone).
     tag=NAME          name for /_sim/requests/NAME (default: the completion id; keep unique)
     tokens=N rate=R delay=S   override the command-line defaults
     fail=STATUS       answer an OpenAI-style error; retry_after=S adds a Retry-After header
@@ -137,12 +139,22 @@ def tokens_for(prompt: str, n: int) -> list[str]:
     return toks
 
 
-def parse_directives(text: str) -> tuple[dict[str, Any], str]:
-    """Split ``sim:key=value`` words out of *text*; ValueError on a bad directive."""
+def parse_directives(text: str, name: str = "") -> tuple[dict[str, Any], str]:
+    """Split ``sim:key=value`` words out of *text*; ValueError on a bad directive.
+
+    ``sim:NAME.key=value`` applies only on the simulator started with ``--name NAME``
+    (elsewhere it is dropped all the same, so every simulator sees the same text).
+    """
     opts: dict[str, Any] = {}
     words = []
     for word in text.split():
         key, _, value = word[4:].partition("=")
+        scope, dot, scoped = key.partition(".")
+        if word.startswith("sim:") and dot:
+            if scope != name:
+                parse_directives(f"sim:{scoped}={value}")  # still checked
+                continue
+            key = scoped
         if not word.startswith("sim:"):
             words.append(word)
         elif key in _STRING_KEYS and value:
@@ -345,8 +357,15 @@ def _watch_eof(sock: Any, target: Any) -> None:
 class Simulator:
     """The server: ``sim = Simulator(...).start()``, then ``sim.url``; ``sim.stop()``."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, defaults: Defaults | None = None):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        defaults: Defaults | None = None,
+        name: str = "",
+    ):
         self.defaults = defaults or Defaults()
+        self.name = name  # ``sim:NAME.key=value`` directives apply here only
         self.records: OrderedDict[str, Record] = OrderedDict()
         self.requests = self.chunks = self.open_streams = 0
         self._seen: dict[str, Event] = {}
@@ -473,7 +492,7 @@ class Simulator:
             if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
                 raise ValueError("max_tokens must be a positive integer.")
             texts = [_text(m.get("content")) if isinstance(m, dict) else "" for m in messages]
-            opts, texts[-1] = parse_directives(texts[-1])
+            opts, texts[-1] = parse_directives(texts[-1], self.name)
             wanted = opts.get("tokens", self.defaults.tokens)
             items, finish = answer_items(req, texts, opts, wanted)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -598,9 +617,11 @@ class Simulator:
         return True
 
 
-def serve(host: str = "127.0.0.1", port: int = 0, defaults: Defaults | None = None) -> None:
+def serve(
+    host: str = "127.0.0.1", port: int = 0, defaults: Defaults | None = None, name: str = ""
+) -> None:
     """Run a simulator until SIGTERM/SIGINT, announcing its URL on stdout."""
-    sim, stop = Simulator(host, port, defaults).start(), Event()
+    sim, stop = Simulator(host, port, defaults, name).start(), Event()
     handlers = [gevent.signal_handler(sig, stop.set) for sig in (signal.SIGTERM, signal.SIGINT)]
     print(f"simulator listening on {sim.url}", flush=True)
     try:
@@ -622,8 +643,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=64, help="content tokens per answer")
     parser.add_argument("--rate", type=float, default=40.0, help="tokens/s, 0 = unthrottled")
     parser.add_argument("--delay", type=float, default=0.3, help="seconds before first token")
+    parser.add_argument("--name", default="", help="sim:NAME.key=value directives apply here")
     args = parser.parse_args(argv)
-    serve(args.host, args.port, Defaults(args.tokens, args.rate, args.delay))
+    serve(args.host, args.port, Defaults(args.tokens, args.rate, args.delay), args.name)
     return 0
 
 

@@ -14,6 +14,7 @@ from tests.sse_client import EventStream, request
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 PATH = "/api/v1/completions/stream"
+UPSTREAM = ("upstream", "default")  # the one upstream of OPENAI_BASE_URL (API.md section 11)
 
 
 def scrape(base: str) -> dict[tuple[str, tuple], float]:
@@ -45,18 +46,19 @@ def test_metrics_after_known_traffic(make_sluice, fresh_limits, simulator, tag):
 
     def settled():
         m = scrape(server.base)
-        return m if m.get(("sluice_generations_total", (("reason", "cancelled"),))) == 2 else None
+        cancelled = ("sluice_generations_total", (("reason", "cancelled"), UPSTREAM))
+        return m if m.get(cancelled) == 2 else None
 
     m = wait_for(settled, 10, "generations counted")
-    assert m[("sluice_generations_total", (("reason", "stop"),))] == 3
-    assert m[("sluice_generations_total", (("reason", "error"),))] == 1
-    assert m[("sluice_upstream_errors_total", (("code", "upstream_error"),))] == 1
+    assert m[("sluice_generations_total", (("reason", "stop"), UPSTREAM))] == 3
+    assert m[("sluice_generations_total", (("reason", "error"), UPSTREAM))] == 1
+    assert m[("sluice_upstream_errors_total", (("code", "upstream_error"), UPSTREAM))] == 1
     assert m[("sluice_cancel_latency_seconds_count", ())] == 1
     assert m[("sluice_client_disconnects_total", ())] == 1
     assert m[("sluice_rate_limit_rejections_total", (("code", "rate_limited"),))] == 1
     assert m[("sluice_live_streams", ())] == 0
-    assert m[("sluice_time_to_first_token_seconds_count", ())] == 5
-    assert m[("sluice_tokens_relayed_total", ())] >= 21 + 2
+    assert m[("sluice_time_to_first_token_seconds_count", (UPSTREAM,))] == 5
+    assert m[("sluice_tokens_relayed_total", (UPSTREAM,))] >= 21 + 2
 
 
 def test_logs_are_json_lines_without_prompts(sluice):

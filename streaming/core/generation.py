@@ -66,6 +66,7 @@ from streaming.upstream.client import UpstreamError, UpstreamStream
 
 if TYPE_CHECKING:
     from streaming.core.manager import StreamManager
+    from streaming.upstream.routing import Route
 
 __all__ = ["Generation", "GenerationRequest", "StreamStopped", "done_reason"]
 
@@ -149,6 +150,7 @@ class Generation:
         self._grace: gevent.Greenlet | None = None
         self._upstream_open = False
         self.head_ms: float | None = None  # generation created -> upstream response head
+        self.route: Route | None = None  # the upstreams tried (streaming.upstream.routing)
         self.last_read = time.monotonic()  # the watchdog's clock (see StreamManager)
         self.greenlet: gevent.Greenlet | None = None
         self.emit(
@@ -188,7 +190,10 @@ class Generation:
 
     def _first_out(self) -> None:
         self.ttft_ms = (time.perf_counter() - self._t0) * 1000
-        metrics.TTFT.observe(self.ttft_ms / 1000)
+        metrics.TTFT.labels(self._upstream()).observe(self.ttft_ms / 1000)
+
+    def _upstream(self) -> str:
+        return self.route.upstream if self.route is not None else "none"
 
     def _add_extras(self, items: list[str | dict[str, Any]]) -> None:
         """One read's text and other deltas, in order (see Deltas above)."""
@@ -271,10 +276,27 @@ class Generation:
         try:
             if self._stop is not None:
                 raise StreamStopped(*self._stop)
-            stream = self.manager.upstream.open(**self.request.upstream_params())
-            self.head_ms = (time.perf_counter() - self._t0) * 1000
-            self._upstream_open = True
-            self._relay(stream)
+            params = self.request.upstream_params()
+            route = self.route = self.manager.router.route(params.pop("model"))
+            while True:  # failover (API.md section 11): until the first delta is relayed
+                target = route.next()
+                if target is None:
+                    raise route.unavailable()
+                self.last_read = time.monotonic()  # each attempt gets the watchdog's full time
+                self._upstream_open = False
+                try:
+                    stream = target.open(self.request.model, **params)
+                    self.head_ms = (time.perf_counter() - self._t0) * 1000
+                    self._upstream_open = True
+                    self._relay(stream)
+                    break
+                except UpstreamError as exc:
+                    exc.__traceback__ = None
+                    if not route.failed(exc, relayed=self._relayed()):
+                        raise
+                    if stream is not None:  # the failed response is closed before moving on
+                        self._close_upstream(stream)
+                        stream = None
             reason = done_reason(stream.finish_reason)
         except StreamStopped as stop:
             reason, error = stop.reason, stop.error
@@ -290,7 +312,13 @@ class Generation:
             self._relaying = False
             if stream is not None:
                 self._close_upstream(stream)
+            if self.route is not None:
+                self.route.end(error[0] if error else None)
             self._finish(reason, error, stream)
+
+    def _relayed(self) -> bool:
+        """Has anything of the answer reached the frames (or is about to)?"""
+        return bool(self._pending or self.token_events or self.delta_events)
 
     def _relay(self, stream: UpstreamStream) -> None:
         """Read the upstream network chunk by network chunk into token events.
@@ -315,11 +343,15 @@ class Generation:
                     gevent.sleep(interval)
 
             stream.pace(pause)
+        served = False
         for count, text in enumerate(stream.iter_text(), 1):
             if text:
                 self._add_text(text)
             elif stream.extras:  # a read with other deltas (/v1 only): text and deltas in order
                 self._add_extras(stream.take_extras())
+            if not served and self._relayed():
+                served = True
+                self.route.served()  # the breaker's verdict: this upstream works
             if count % YIELD_EVERY == 0:
                 gevent.sleep(0)
             self.last_read = time.monotonic()
@@ -358,6 +390,9 @@ class Generation:
                     "token_count": stream.deltas if stream is not None else 0,
                     "ttft_ms": round(self.ttft_ms, 1) if self.ttft_ms is not None else None,
                     "elapsed_ms": round(elapsed_ms, 1),
+                    # section 11: who served, and who was tried and failed before it
+                    "upstream": self.route.upstream if stream is not None else None,
+                    "failed_over": list(self.route.failed_over) if self.route else [],
                 },
             },
         )
@@ -369,12 +404,15 @@ class Generation:
         self.ended.set()
 
     def _count(self, reason: str, error: tuple[str, str] | None, stream: UpstreamStream | None):
+        upstream = self._upstream()
         metrics.LIVE_STREAMS.dec()
-        metrics.GENERATIONS.labels(reason).inc()
+        metrics.GENERATIONS.labels(reason, upstream).inc()
         if stream is not None:
-            metrics.TOKENS.inc(stream.deltas)
-        if error is not None and error[0].startswith("upstream_"):
-            metrics.UPSTREAM_ERRORS.labels(error[0]).inc()
+            metrics.TOKENS.labels(upstream).inc(stream.deltas)
+        stopped = self._stop[1] if self._stop is not None else None
+        if error is not None and stopped is not None and error[0] == "upstream_timeout":
+            # the watchdog's (upstream silence); each failed attempt is counted by the route
+            metrics.UPSTREAM_ERRORS.labels(error[0], upstream).inc()
         logger.info(
             "generation_finished",
             extra={
@@ -384,6 +422,8 @@ class Generation:
                 "tokens": stream.deltas if stream is not None else 0,
                 "ttft_ms": round(self.ttft_ms, 1) if self.ttft_ms is not None else None,
                 "upstream_head_ms": round(self.head_ms, 1) if self.head_ms is not None else None,
+                "upstream": upstream,
+                "failed_over": self.route.failed_over if self.route is not None else [],
                 "elapsed_ms": round((time.perf_counter() - self._t0) * 1000, 1),
                 "client": self.request.client,
                 "worker": self.manager.worker_id,

@@ -17,6 +17,11 @@ For client C (its IP, or its owner in authenticated mode), session S and owner O
 - ``session:S``, ``session:S:messages``, ``session:S:live``, ``sessions:O``
   (see `streaming.core.sessions`)
 
+For upstream U (a name of UPSTREAMS_FILE, or ``default``):
+
+- ``upstream:{U}:breaker``  U's circuit breaker (hash; see `streaming.upstream.breaker`);
+  U's keys share the hash tag ``{U}``
+
 Rate limits are flask-limiter's, under ``sluice:rl`` (`streaming.web.limits`).
 """
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 __all__ = [
     "ACK_CHANNEL",
     "CANCEL_CHANNEL",
+    "breaker",
     "cancel_flag",
     "events",
     "registry",
@@ -76,3 +82,8 @@ def sessions(owner: str) -> str:
 def usage(client: str, day: str) -> str:
     """``day``: the UTC day, ``YYYY-MM-DD``."""
     return f"sluice:usage:{client}:{day}"
+
+
+def breaker(upstream: str) -> str:
+    """``upstream``: its name (letters, digits, ``-_.``; never braces)."""
+    return f"sluice:upstream:{{{upstream}}}:breaker"

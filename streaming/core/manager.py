@@ -38,6 +38,7 @@ import os
 import secrets
 import socket
 import time
+from typing import Any
 
 import gevent
 import redis
@@ -55,7 +56,7 @@ from streaming.core.upkeep import Upkeep
 from streaming.core.usage import Usage, cap
 from streaming.redis_conn import RedisGate
 from streaming.sse import is_done_frame, read_frames
-from streaming.upstream.client import Upstream
+from streaming.upstream.routing import Router
 
 __all__ = ["RedisGate", "StreamManager", "new_stream_id", "valid_stream_id"]
 
@@ -91,13 +92,15 @@ def _count_tokens(request: GenerationRequest, reason: str, usage: dict) -> None:
 
 
 class StreamManager:
-    def __init__(self, redis_client: redis.Redis, settings, upstream: Upstream):
+    def __init__(self, redis_client: redis.Redis, settings, upstream: Router | Any, gate=None):
         self.redis = redis_client
         self.settings = settings
-        self.upstream = upstream
+        # the upstreams (streaming.upstream.routing); a bare client is one upstream (tests)
+        self.router = upstream if isinstance(upstream, Router) else Router.single(upstream)
+        self.upstream = self.router
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.local: dict[str, Generation] = {}  # this worker's generations
-        self.gate = RedisGate()
+        self.gate = gate or RedisGate()
         self.slots = Slots(settings.max_concurrent_streams, LIVE_TTL)
         self.sessions = SessionStore(
             redis_client, settings.session_ttl_seconds, settings.session_max_messages

@@ -32,6 +32,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import gevent
 import httpcore2
 import httpx2
 import openai
@@ -48,9 +49,13 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"  # the openai SDK's, when none is
 
 
 class UpstreamError(Exception):
-    def __init__(self, code: str, message: str):
+    """An upstream failure; `retryable`: the upstream is down or overloaded (a connection
+    failure, a 5xx, a 429, no head in time, a broken stream), so another upstream may
+    serve the request (section 11); a 4xx it answered (the request's fault) is not."""
+
+    def __init__(self, code: str, message: str, retryable: bool = True):
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.retryable = code, message, retryable
 
 
 def _status_error(exc: openai.APIStatusError) -> UpstreamError:
@@ -63,7 +68,7 @@ def _status_error(exc: openai.APIStatusError) -> UpstreamError:
         detail = body.get("message")
         if isinstance(detail, str) and detail:
             message = f"The model provider answered HTTP {exc.status_code}: {detail[:300]}"
-    return UpstreamError("upstream_error", message)
+    return UpstreamError("upstream_error", message, retryable=exc.status_code >= 500)
 
 
 _OPTIONS: Any = {"headers": {"Accept-Encoding": "identity"}}
@@ -105,6 +110,7 @@ class Upstream:
         relay_deltas: bool = False,
         stream_options: dict[str, Any] | None = None,
         params: dict[str, Any] | None = None,
+        head_timeout: float | None = None,
         **fields: Any,
     ) -> UpstreamStream:
         """Send the request; returns once the response head arrived.
@@ -120,6 +126,8 @@ class Upstream:
         (the token caps, temperature) are sent as given; ``model``, ``messages``,
         ``stream`` and ``stream_options.include_usage`` are always ours.
         `relay_deltas`: keep the non-content deltas (see `UpstreamStream.extras`).
+        `head_timeout`: no response head within this long is an ``upstream_timeout``
+        (one gevent timer around the call, none on the body's reads).
         """
         body = {
             **(params or {}),
@@ -129,7 +137,10 @@ class Upstream:
             "stream": True,
             "stream_options": {**(stream_options or {}), "include_usage": True},
         }
+        timer = gevent.Timeout(head_timeout) if head_timeout else None
         try:
+            if timer is not None:
+                timer.start()
             response = self.client.post(
                 "/chat/completions",
                 cast_to=httpx2.Response,
@@ -144,6 +155,14 @@ class Upstream:
             raise UpstreamError("upstream_timeout", "The model provider did not answer.") from None
         except openai.APIConnectionError:
             raise UpstreamError("upstream_error", "The model provider is unreachable.") from None
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            exc.__traceback__ = None  # the timer (a local here) must not hold this frame
+            raise UpstreamError("upstream_timeout", "The model provider did not answer.") from None
+        finally:
+            if timer is not None:
+                timer.close()
         return UpstreamStream(None, response, relay_deltas)
 
     def close(self) -> None:

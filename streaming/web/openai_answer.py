@@ -37,6 +37,7 @@ FAILURE_STATUS = {
     "upstream_rate_limited": 429,
     "upstream_timeout": 504,
     "upstream_error": 502,
+    "upstream_unavailable": 503,  # every upstream of the model down or cooling (section 11)
     "interrupted": 503,
     "internal_error": 500,
     "cancelled": 499,
