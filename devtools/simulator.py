@@ -1,9 +1,10 @@
 """Sluice upstream simulator: a fast, deterministic, observable OpenAI-compatible server.
 
 ``python -m devtools.simulator [--host 127.0.0.1] [--port 0] [--tokens 64] [--rate 40]
-[--delay 0.3] [--name NAME]`` prints ``simulator listening on http://HOST:PORT`` once it accepts connections
-and exits 0 on SIGTERM/SIGINT (rate: tokens/s, 0 = unthrottled; delay: seconds before the first
-content token).  In-process: ``serve(...)``, or ``Simulator(...).start()`` under gevent.
+[--delay 0.3] [--name NAME]`` prints ``simulator listening on http://HOST:PORT`` once it
+accepts connections and exits 0 on SIGTERM/SIGINT (rate: tokens/s, 0 = unthrottled; delay:
+seconds before the first content token).  In-process: ``serve(...)``, or
+``Simulator(...).start()`` under gevent.
 
 Routes: POST /v1/chat/completions, GET /v1/models, GET /_sim/stats and
 GET /_sim/requests/<tag>?wait=seen|ended&timeout=<s> (the request's record; states: open,

@@ -313,7 +313,7 @@ class Generation:
             if stream is not None:
                 self._close_upstream(stream)
             if self.route is not None:
-                self.route.end(error[0] if error else None)
+                self.route.end(reason, error[0] if error else None)
             self._finish(reason, error, stream)
 
     def _relayed(self) -> bool:

@@ -185,9 +185,9 @@ class Route:
         if not self._reported:
             self._verdict(failure=False)
 
-    def end(self, error_code: str | None) -> None:
-        """The generation ended: an attempt still without a verdict gets one, or its
-        probe lease back (cancelled, shut down: nothing was learnt)."""
+    def end(self, reason: str, error_code: str | None) -> None:
+        """The generation ended (`reason` of its ``done``): an attempt still without a
+        verdict gets one, or its probe lease back (cancelled, shut down: nothing learnt)."""
         if self._reported or self.current is None:
             return
         self._reported = True
@@ -196,7 +196,7 @@ class Route:
             return
         if error_code == "upstream_timeout":  # silent after its head (the watchdog)
             breaker.failure(self.current.name, self._ticket)
-        elif error_code is None:
+        elif error_code is None and reason not in ("cancelled", "error"):
             breaker.success(self.current.name, self._ticket)  # ended well, empty
         else:
             breaker.release(self.current.name, self._ticket)
