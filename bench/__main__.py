@@ -14,6 +14,8 @@ with its own real processes on 127.0.0.1 and each bounded in time:
 - burst   bench/starts.py      200 streams started at the same instant, Sluice vs direct
 - storm   bench/storm.py       300 detached generations on server A, 300 resumes at once on B
 - soak    bench/soak.py        waves of cancelled streams and dropped slow readers: RSS per wave
+- failover bench/failover.py   the primary upstream SIGKILLed during 200 streams: share served,
+                               errors (only streams begun on it), added TTFT (issue 20)
 - hotspots bench/hotspots.py   py-spy profile of the workers when a load target is missed
                                (and a tracemalloc probe when the memory target is missed)
 
@@ -40,6 +42,7 @@ from bench.stack import OUT, RESULTS, ROOT, machine, md_table, now, raise_nofile
 STEPS = ("relay", "load", "cancel", "disconnect", "memory")
 STEPS += ("startcpu", "single", "burst", "storm")  # issue 14: stream starts, reconnect storm
 STEPS += ("soak",)  # issue 15: stopped streams are freed (worker RSS flat across waves)
+STEPS += ("failover",)  # issue 20: several upstreams, failover before the first token
 STEPS += ("hotspots",)
 RELAY_TARGET_MS = 25  # ms of worker CPU per 1,000 relayed tokens (issue 14; was 40)
 MEMORY_TARGET_KB = 40  # per idle stream (issue 14; was 64)
@@ -185,6 +188,19 @@ def targets(results: dict) -> tuple[str, list[str]]:
                     errors == 0 and d["log_problems"] == 0 and holder["ready"] == level,
                 )
     start_rows(results, add)
+    failover = results.get("failover")
+    if failover:
+        d = failover["data"]
+        add(
+            "failover: primary killed during 200 streams",
+            "all started after it served; errors only on streams begun on it; "
+            "added TTFT p50 ≤ 100 ms",
+            f"{d['after_kill_served']}/{d['after_kill']} served; "
+            f"{d['errors_begun_on_primary']} begun on it + {d['other_failures']} other errors; "
+            f"{d['server_added_ttft_p50_ms']:+.1f} ms (client-side {d['added_ttft_p50_ms']:+.1f})",
+            f"TTFT before the kill {d['server_ttft_before_p50_ms']:.1f} ms",
+            d["ok"],
+        )
     soak = results.get("soak")
     if soak:
         d = soak["data"]
@@ -345,6 +361,9 @@ def main() -> int:
     from bench import soak
 
     step("soak", lambda: soak.run(args.quick))
+    from bench import failover
+
+    step("failover", lambda: failover.run(args.quick))
     if {"single", "burst", "storm"} & results.keys():  # redraw the plot with their panel
         loaded = "load" in results and not (args.quick or args.no_write)
         OUT.mkdir(exist_ok=True)

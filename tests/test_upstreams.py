@@ -23,6 +23,7 @@ from devtools.harness import Simulator, free_port, get_json, wait_for
 from streaming.core import keys
 from tests.sse_client import EventStream, request
 from tests.test_metrics_logs import scrape
+from tests.test_upstream_proxy import proxied_requests, proxy  # noqa: F401 (its fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -388,3 +389,43 @@ def test_breaker_is_shared_by_two_servers_then_probes_once(
         assert [metadata((one, two)[i % 2])[0] for i in range(4)] == [name] * 4
     finally:
         revived.stop()
+
+
+# -- egress proxies, per upstream ---------------------------------------------------------
+
+
+def test_each_upstream_takes_the_proxy_its_url_gets(
+    make_sluice,
+    sims,
+    proxy,  # noqa: F811 (the tinyproxy fixture of tests/test_upstream_proxy.py)
+    tmp_path_factory,
+    tag,
+):
+    """HTTP_PROXY for the primary (127.0.0.1), NO_PROXY for the backup (localhost)."""
+    primary, backup = sims
+    url, log = proxy
+    backup_direct = backup.v1.replace("127.0.0.1", "localhost")
+    path = write_upstreams(
+        tmp_path_factory,
+        entry("primary", primary.v1, ["gpt-4o-mini"]),
+        entry("backup", backup_direct, ["gpt-4o-mini"]),
+    )
+    server = make_sluice(
+        workers=2,
+        UPSTREAMS_FILE=path,
+        SIM_KEY="x",
+        API_KEYS=KEY,
+        HTTP_PROXY=url,
+        NO_PROXY="localhost",
+        UPSTREAM_FAILURE_THRESHOLD="1000",
+    )
+    before = proxied_requests(log)
+    events = stream(server, f"p sim:tokens=4 sim:primary.fail=503 sim:tag={tag}")
+    assert done_of(events)["metadata"]["failed_over"] == ["primary"]
+    assert primary.record(tag)["state"] == "failed"  # reached, through the proxy
+    assert backup.record(tag)["state"] == "completed"  # reached directly
+    wait_for(lambda: proxied_requests(log) > before, 5, "the primary's request in the log")
+    events = stream(server, f"q sim:tokens=4 sim:primary.fail=503 sim:tag={tag}-2")
+    assert done_of(events)["metadata"]["upstream"] == "backup"
+    wait_for(lambda: proxied_requests(log) >= before + 2, 5, "the second primary request")
+    assert proxied_requests(log) == before + 2  # the backup's two never went through it
