@@ -285,6 +285,19 @@ def find_suspects(m: Measurement) -> list[Suspect]:
                 "CDNs: a no-compression rule for the path)",
             )
         )
+    probes = m.of("probe")
+    server_info = probes[0].data.get("server") if probes else None
+    if isinstance(server_info, dict) and server_info.get("protocol") == "HTTP/1.0":
+        found.append(
+            Suspect(
+                "backend-http/1.0",
+                "the proxy in front of Sluice talks HTTP/1.0 to it (nginx's default "
+                "proxy_http_version): with buffering on, nginx holds such an unchunked response "
+                "in its buffers until it ends",
+                "nginx: proxy_http_version 1.1 and proxy_buffering off for the stream paths, "
+                "as in the bundled nginx.conf",
+            )
+        )
     cdns: list[str] = []
     for name, needle, who in _CDNS:
         prefix = name.endswith("-")
@@ -343,16 +356,6 @@ def find_suspects(m: Measurement) -> list[Suspect]:
                 "http/1.0",
                 "the answer came over HTTP/1.0 (no chunked encoding): an old or down-grading proxy",
                 "HTTP/1.1 or HTTP/2 end to end",
-            )
-        )
-    probes = m.of("probe")
-    server_info = probes[0].data.get("server") if probes else None
-    if isinstance(server_info, dict) and server_info.get("protocol") == "HTTP/1.0":
-        found.append(
-            Suspect(
-                "backend-http/1.0",
-                "the proxy in front of Sluice talks HTTP/1.0 to it (nginx's default)",
-                "nginx: proxy_http_version 1.1; (the bundled nginx.conf sets it)",
             )
         )
     return found

@@ -1,0 +1,169 @@
+"""The stream doctor (`python -m streaming.doctor`, a real process, its real exit status)
+against real gunicorn, directly and through real nginx: the bundled nginx.conf, and
+variants of it with the mistakes operators make (tests/nginx_variants.py).
+
+The server pings every 4 s (HEARTBEAT_SECONDS=4), so ``--idle 12`` pings exactly
+as a real stream does (every 4 s) and a 2 s proxy_read_timeout cuts it.
+Verdict thresholds (held back >= 1 s; probes 250 ms apart; a buffered stream
+arrives in one burst ~3 s late) are far from what either case measures, so the
+outcome does not depend on the machine's load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from devtools.harness import ROOT, free_port, wait_for
+from tests import nginx_variants
+from tests.sse_client import EventStream
+from tests.test_nginx import Nginx, nginx_binary
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+PATH = "/api/v1/diagnostics/stream"
+
+
+@pytest.fixture(scope="module")
+def server(make_sluice):
+    # UPSTREAM_HEAD_TIMEOUT_SECONDS: the settings refuse one above the suite's 3 s upstream timeout
+    return make_sluice(
+        workers=2, HEARTBEAT_SECONDS="4", TRUSTED_PROXIES="1", UPSTREAM_HEAD_TIMEOUT_SECONDS="3"
+    )
+
+
+@pytest.fixture(scope="module")
+def proxies(server):
+    """nginx variants in front of `server`, started on first use, stopped with the module."""
+    started: dict[str, Nginx] = {}
+
+    def get(name: str) -> Nginx:
+        if name not in started:
+            nginx_binary()
+            edit = {
+                "bundled": None,
+                "buffering": nginx_variants.buffering,
+                "gzip": nginx_variants.gzip_streams,
+                "gzip+buffering": nginx_variants.gzip_buffered,
+                "read-timeout-2s": nginx_variants.short_read_timeout(2),
+            }[name]
+            proxy = Nginx(server.port, edit)
+            started[name] = proxy
+            proxy.start()
+        return started[name]
+
+    yield get
+    for proxy in started.values():
+        proxy.stop()
+
+
+def doctor(base: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    return subprocess.run(
+        [sys.executable, "-m", "streaming.doctor", base, *args],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def report(run: subprocess.CompletedProcess) -> str:
+    return f"exit {run.returncode}\n{run.stdout}\n{run.stderr}"
+
+
+# (a) -----------------------------------------------------------------------------------------
+def test_directly_events_arrive_as_sent(server):
+    run = doctor(server.base, "--json")
+    assert run.returncode == 0, report(run)
+    out = json.loads(run.stdout)
+    assert out["exit_status"] == 0 and out["verdict"].startswith("OK")
+    assert out["probes_received"] == 13
+    assert out["held_back_s"] < 0.5
+    m = out["measurement"]
+    assert m["status"] == 200 and m["http_version"] == "HTTP/1.1" and m["ended"] == "done"
+    assert m["headers"]["x-accel-buffering"] == "no"
+    assert m["first_byte_s"] < 1.0
+
+
+# (b) -----------------------------------------------------------------------------------------
+@pytest.mark.nginx
+def test_behind_the_bundled_nginx_conf_events_flow_and_survive_idle(proxies):
+    run = doctor(proxies("bundled").base, "--idle", "2")
+    assert run.returncode == 0, report(run)
+    assert "OK: events arrive as sent, and the connection survives 2 s of silence" in run.stdout
+    assert "2 of 2 pings arrived" in run.stdout
+    assert "Server: nginx" in run.stdout  # it saw the proxy, and found nothing wrong
+
+
+# (c) -----------------------------------------------------------------------------------------
+@pytest.mark.nginx
+def test_nginx_with_buffering_forced_on_is_held_back_and_named(proxies):
+    run = doctor(proxies("buffering").base)
+    assert run.returncode == 1, report(run)
+    out = run.stdout
+    assert "HELD BACK" in out and "13 of 13 probes arrived together" in out, out
+    culprits = out.split("Likely culprits", 1)[1]
+    assert "1. the proxy in front of Sluice talks HTTP/1.0 to it" in culprits, out
+    assert "2. a reverse proxy answered (Server: nginx" in culprits, out
+    assert "proxy_ignore_headers" in culprits and "X-Accel-Buffering" in culprits
+
+
+@pytest.mark.nginx
+def test_gzip_with_buffering_names_compression_first(proxies):
+    run = doctor(proxies("gzip+buffering").base, "--json")
+    assert run.returncode == 1, report(run)
+    out = json.loads(run.stdout)
+    assert out["verdict"].startswith("HELD BACK") and out["held_back_s"] > 2.0
+    assert out["measurement"]["headers"]["content-encoding"] == "gzip"
+    assert out["suspects"][0]["key"] == "compression"
+    assert "gzip" in out["suspects"][0]["evidence"]
+
+
+@pytest.mark.nginx
+def test_gzip_that_flushes_every_event_passes_with_a_note(proxies):
+    # nginx's gzip flushes on every write when proxy buffering is off (X-Accel-Buffering: no)
+    run = doctor(proxies("gzip").base)
+    assert run.returncode == 0, report(run)
+    assert "OK: events arrive as sent" in run.stdout
+    assert "Note: compression: Content-Encoding: gzip" in run.stdout
+
+
+@pytest.mark.nginx
+def test_a_proxy_read_timeout_below_the_ping_interval_cuts_the_idle_stream(proxies):
+    run = doctor(proxies("read-timeout-2s").base, "--idle", "12")  # pings every 4 s
+    assert run.returncode == 1, report(run)
+    out = run.stdout
+    assert "CUT: the connection was cut during the 12 s silence" in out, out
+    assert "proxy_read_timeout" in out.split("Likely culprits", 1)[1]
+
+
+# (d) -----------------------------------------------------------------------------------------
+def test_an_unreachable_url_is_2(server):
+    refused = doctor(f"http://127.0.0.1:{free_port()}")
+    assert refused.returncode == 2, report(refused)
+    assert "UNREACHABLE: connection refused" in refused.stdout
+    not_sluice = doctor(server.base + "/somewhere/else")  # a 404: no probe stream there
+    assert not_sluice.returncode == 2, report(not_sluice)
+    assert "HTTP 404" in not_sluice.stdout
+    no_scheme = doctor("127.0.0.1:1")
+    assert no_scheme.returncode == 2 and "give the scheme" in no_scheme.stdout
+    bad_idle = doctor(server.base, "--idle", "121")  # argparse's usage error: also 2
+    assert bad_idle.returncode == 2 and "--idle" in bad_idle.stderr
+
+
+# the endpoint, for real -------------------------------------------------------------------
+def test_a_client_that_leaves_ends_the_probe_stream_at_once(server):
+    # during the silence the next ping is 4 s away: only the socket watch can notice this soon
+    with EventStream(server.base, f"{PATH}?idle=120", method="GET") as stream:
+        assert stream.status == 200
+        while not (stream.events and stream.events[-1]["id"] == "13"):
+            assert stream.next_event() is not None
+        port = stream.local_port
+        assert server.worker_of_connection(port) is not None
+    wait_for(lambda: server.worker_of_connection(port) is None, timeout=2, what="probe ended")
