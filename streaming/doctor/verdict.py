@@ -372,7 +372,7 @@ def timeout_suspects(m: Measurement) -> list[Suspect]:
                     "cdn",
                     s.evidence,
                     "the CDN's idle / origin read timeout must exceed HEARTBEAT_SECONDS "
-                    "(Cloudflare closes after 100 s without a byte)",
+                    "(Cloudflare's default is 100 s)",
                 )
             )
         elif s.key == "proxy":
