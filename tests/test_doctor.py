@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -61,8 +64,13 @@ def proxies(server):
         proxy.stop()
 
 
-def doctor(base: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+def doctor(base: str, *args: str, proxy: str | None = None) -> subprocess.CompletedProcess:
+    """The doctor as a process; straight to loopback, or through `proxy` as HTTP_PROXY."""
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    if proxy:
+        env["HTTP_PROXY"] = proxy
+    else:
+        env["NO_PROXY"] = "127.0.0.1,localhost"
     return subprocess.run(
         [sys.executable, "-m", "streaming.doctor", base, *args],
         capture_output=True,
@@ -141,6 +149,42 @@ def test_a_proxy_read_timeout_below_the_ping_interval_cuts_the_idle_stream(proxi
     out = run.stdout
     assert "CUT: the connection was cut during the 12 s silence" in out, out
     assert "proxy_read_timeout" in out.split("Likely culprits", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def forward_proxy(tmp_path_factory):
+    """Debian's tinyproxy as the environment's HTTP proxy (it announces itself with Via)."""
+    binary = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
+    if not Path(binary).exists():
+        pytest.fail("tinyproxy is missing (make system-deps installs it)")
+    folder = tmp_path_factory.mktemp("doctor-proxy")
+    port = free_port()
+    conf = folder / "tinyproxy.conf"
+    conf.write_text(f"Port {port}\nListen 127.0.0.1\nTimeout 60\nMaxClients 20\nAllow 127.0.0.1\n")
+    proc = subprocess.Popen(
+        [binary, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for(lambda: _listening(port), 10, "tinyproxy listening")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_the_doctor_goes_through_the_environments_proxy(server, forward_proxy):
+    run = doctor(server.base, "--json", proxy=forward_proxy)
+    assert run.returncode == 0, report(run)  # tinyproxy passes the stream on as it comes
+    out = json.loads(run.stdout)
+    assert "tinyproxy" in out["measurement"]["headers"]["via"]
 
 
 # (d) -----------------------------------------------------------------------------------------

@@ -71,7 +71,6 @@ def test_no_warning_when_the_answer_streams(server, page):
 def test_a_warning_when_a_proxy_delivers_it_all_at_once(buffering_nginx, page):
     result = ask(page, buffering_nginx.base)
     assert result["burst"] and result["serverMs"] >= 1000, result
-    assert result["clientMs"] < 100, result
     warning = page.locator(WARNING)
     expect(warning).to_be_visible()
     expect(warning).to_contain_text("reached this page all at once")
