@@ -198,3 +198,6 @@ def test_probe_url():
         "https://chat.example.com/api/v1/diagnostics/stream"
     )
     assert probe_url("http://h:8080/chat", 2.5).endswith("/chat/api/v1/diagnostics/stream?idle=2.5")
+    assert probe_url("http://h/api/v1/diagnostics/stream?idle=3", 0) == (
+        "http://h/api/v1/diagnostics/stream"
+    )

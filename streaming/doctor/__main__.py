@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.json:  # the wait (3 s, plus the idle period) is not silent
+        print(f"Probing {args.base_url} for about {3 + args.idle:g} s ...", file=sys.stderr)
     try:
         m = measure(args.base_url, args.idle, verify=not args.insecure)
     except Unreachable as exc:

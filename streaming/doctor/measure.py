@@ -88,7 +88,8 @@ class Measurement:
 def probe_url(base_url: str, idle: float) -> str:
     if "://" not in base_url:
         raise Unreachable(f"{base_url!r} is not a URL: give the scheme, e.g. https://{base_url}")
-    url = base_url.rstrip("/") + PATH
+    root = base_url.split("?", 1)[0].rstrip("/")
+    url = root if root.endswith(PATH) else root + PATH  # the probe's own URL given: fine
     return f"{url}?{urlencode({'idle': f'{idle:g}'})}" if idle else url
 
 
