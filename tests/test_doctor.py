@@ -39,46 +39,65 @@ def server(make_sluice):
     )
 
 
+# nginx variant -> the doctor's arguments through it
+THROUGH_NGINX = {
+    "bundled": (None, ["--idle", "2"]),
+    "buffering": (nginx_variants.buffering, []),
+    "gzip": (nginx_variants.gzip_streams, []),
+    "gzip+buffering": (nginx_variants.gzip_buffered, ["--json"]),
+    "read-timeout-2s": (nginx_variants.short_read_timeout(2), ["--idle", "12"]),  # pings every 4 s
+}
+
+
 @pytest.fixture(scope="module")
-def proxies(server):
-    """nginx variants in front of `server`, started on first use, stopped with the module."""
-    started: dict[str, Nginx] = {}
-
-    def get(name: str) -> Nginx:
-        if name not in started:
-            nginx_binary()
-            edit = {
-                "bundled": None,
-                "buffering": nginx_variants.buffering,
-                "gzip": nginx_variants.gzip_streams,
-                "gzip+buffering": nginx_variants.gzip_buffered,
-                "read-timeout-2s": nginx_variants.short_read_timeout(2),
-            }[name]
-            proxy = Nginx(server.port, edit)
-            started[name] = proxy
+def through_nginx(server):
+    """Each nginx variant in front of `server`, and the doctor run through each, all at once
+    (they only wait: ~6 s in all instead of ~20); the tests read the results."""
+    nginx_binary()
+    proxies = [Nginx(server.port, edit) for edit, _ in THROUGH_NGINX.values()]
+    try:
+        for proxy in proxies:
             proxy.start()
-        return started[name]
+        runs = {
+            name: Doctor(proxy.base, *args)
+            for (name, (_, args)), proxy in zip(THROUGH_NGINX.items(), proxies, strict=True)
+        }
+        yield {name: run.result() for name, run in runs.items()}
+    finally:
+        for proxy in proxies:
+            proxy.stop()
 
-    yield get
-    for proxy in started.values():
-        proxy.stop()
+
+class Doctor:
+    """The doctor as a process; straight to loopback, or through `proxy` as HTTP_PROXY."""
+
+    def __init__(self, base: str, *args: str, proxy: str | None = None):
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        if proxy:
+            env["HTTP_PROXY"] = proxy
+        else:
+            env["NO_PROXY"] = "127.0.0.1,localhost"
+        self.args = [sys.executable, "-m", "streaming.doctor", base, *args]
+        self.proc = subprocess.Popen(
+            self.args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+
+    def result(self) -> subprocess.CompletedProcess:
+        try:
+            out, err = self.proc.communicate(timeout=50)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        return subprocess.CompletedProcess(self.args, self.proc.returncode, out, err)
 
 
 def doctor(base: str, *args: str, proxy: str | None = None) -> subprocess.CompletedProcess:
-    """The doctor as a process; straight to loopback, or through `proxy` as HTTP_PROXY."""
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    if proxy:
-        env["HTTP_PROXY"] = proxy
-    else:
-        env["NO_PROXY"] = "127.0.0.1,localhost"
-    return subprocess.run(
-        [sys.executable, "-m", "streaming.doctor", base, *args],
-        capture_output=True,
-        text=True,
-        timeout=50,
-        cwd=ROOT,
-        env=env,
-    )
+    return Doctor(base, *args, proxy=proxy).result()
 
 
 def report(run: subprocess.CompletedProcess) -> str:
@@ -101,8 +120,8 @@ def test_directly_events_arrive_as_sent(server):
 
 # (b) -----------------------------------------------------------------------------------------
 @pytest.mark.nginx
-def test_behind_the_bundled_nginx_conf_events_flow_and_survive_idle(proxies):
-    run = doctor(proxies("bundled").base, "--idle", "2")
+def test_behind_the_bundled_nginx_conf_events_flow_and_survive_idle(through_nginx):
+    run = through_nginx["bundled"]
     assert run.returncode == 0, report(run)
     assert "OK: events arrive as sent, and the connection survives 2 s of silence" in run.stdout
     assert "2 of 2 pings arrived" in run.stdout
@@ -111,8 +130,8 @@ def test_behind_the_bundled_nginx_conf_events_flow_and_survive_idle(proxies):
 
 # (c) -----------------------------------------------------------------------------------------
 @pytest.mark.nginx
-def test_nginx_with_buffering_forced_on_is_held_back_and_named(proxies):
-    run = doctor(proxies("buffering").base)
+def test_nginx_with_buffering_forced_on_is_held_back_and_named(through_nginx):
+    run = through_nginx["buffering"]
     assert run.returncode == 1, report(run)
     out = run.stdout
     assert "HELD BACK" in out and "13 of 13 probes arrived together" in out, out
@@ -123,8 +142,8 @@ def test_nginx_with_buffering_forced_on_is_held_back_and_named(proxies):
 
 
 @pytest.mark.nginx
-def test_gzip_with_buffering_names_compression_first(proxies):
-    run = doctor(proxies("gzip+buffering").base, "--json")
+def test_gzip_with_buffering_names_compression_first(through_nginx):
+    run = through_nginx["gzip+buffering"]
     assert run.returncode == 1, report(run)
     out = json.loads(run.stdout)
     assert out["verdict"].startswith("HELD BACK") and out["held_back_s"] > 2.0
@@ -134,17 +153,17 @@ def test_gzip_with_buffering_names_compression_first(proxies):
 
 
 @pytest.mark.nginx
-def test_gzip_that_flushes_every_event_passes_with_a_note(proxies):
+def test_gzip_that_flushes_every_event_passes_with_a_note(through_nginx):
     # nginx's gzip flushes on every write when proxy buffering is off (X-Accel-Buffering: no)
-    run = doctor(proxies("gzip").base)
+    run = through_nginx["gzip"]
     assert run.returncode == 0, report(run)
     assert "OK: events arrive as sent" in run.stdout
     assert "Note: compression: Content-Encoding: gzip" in run.stdout
 
 
 @pytest.mark.nginx
-def test_a_proxy_read_timeout_below_the_ping_interval_cuts_the_idle_stream(proxies):
-    run = doctor(proxies("read-timeout-2s").base, "--idle", "12")  # pings every 4 s
+def test_a_proxy_read_timeout_below_the_ping_interval_cuts_the_idle_stream(through_nginx):
+    run = through_nginx["read-timeout-2s"]  # --idle 12: pings every 4 s
     assert run.returncode == 1, report(run)
     out = run.stdout
     assert "CUT: the connection was cut during the 12 s silence" in out, out
@@ -189,15 +208,18 @@ def test_the_doctor_goes_through_the_environments_proxy(server, forward_proxy):
 
 # (d) -----------------------------------------------------------------------------------------
 def test_an_unreachable_url_is_2(server):
-    refused = doctor(f"http://127.0.0.1:{free_port()}")
+    runs = [  # at once
+        Doctor(f"http://127.0.0.1:{free_port()}"),
+        Doctor(server.base + "/somewhere/else"),  # a 404: no probe stream there
+        Doctor("127.0.0.1:1"),
+        Doctor(server.base, "--idle", "121"),  # argparse's usage error: also 2
+    ]
+    refused, not_sluice, no_scheme, bad_idle = (run.result() for run in runs)
     assert refused.returncode == 2, report(refused)
     assert "UNREACHABLE: connection refused" in refused.stdout
-    not_sluice = doctor(server.base + "/somewhere/else")  # a 404: no probe stream there
     assert not_sluice.returncode == 2, report(not_sluice)
     assert "HTTP 404" in not_sluice.stdout
-    no_scheme = doctor("127.0.0.1:1")
     assert no_scheme.returncode == 2 and "give the scheme" in no_scheme.stdout
-    bad_idle = doctor(server.base, "--idle", "121")  # argparse's usage error: also 2
     assert bad_idle.returncode == 2 and "--idle" in bad_idle.stderr
 
 
