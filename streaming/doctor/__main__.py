@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         m = measure(args.base_url, args.idle, verify=not args.insecure)
     except Unreachable as exc:
         if args.json:
-            print(json.dumps({"exit_status": EXIT_UNREACHABLE, "verdict": f"UNREACHABLE: {exc}"}))
+            out = {"exit_status": EXIT_UNREACHABLE, "verdict": f"UNREACHABLE: {exc}"}
+            print(json.dumps({**out, "base_url": args.base_url}))
         else:
             print(f"Sluice stream doctor: {args.base_url}\n\nUNREACHABLE: {exc}")
         return EXIT_UNREACHABLE

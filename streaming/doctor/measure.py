@@ -90,6 +90,7 @@ def probe_url(base_url: str, idle: float) -> str:
         raise Unreachable(f"{base_url!r} is not a URL: give the scheme, e.g. https://{base_url}")
     root = base_url.split("?", 1)[0].rstrip("/")
     url = root if root.endswith(PATH) else root + PATH  # the probe's own URL given: fine
+    idle = round(idle, 3)  # the server takes up to three decimals
     return f"{url}?{urlencode({'idle': f'{idle:g}'})}" if idle else url
 
 
@@ -133,6 +134,7 @@ class _Reader:
 
 def measure(base_url: str, idle: float = 0.0, *, verify: bool = True) -> Measurement:
     """Run the probe stream through whatever stands between us and `base_url`."""
+    idle = round(idle, 3)  # as the server takes it
     url = probe_url(base_url, idle)
     m = Measurement(url=url, idle=idle)
     stall = PROBE_SPAN + idle + STALL_MARGIN
