@@ -51,5 +51,12 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+# Is something between here and a deployment buffering event streams? (docs/DEPLOY.md)
+# make doctor URL=https://chat.example.com [IDLE=45]; exit 0 as sent, 1 held back/cut, 2 unreachable
+.PHONY: doctor
+doctor: $(STAMP)
+	@test -n "$(URL)" || { echo "usage: make doctor URL=https://chat.example.com [IDLE=45]"; exit 2; }
+	$(BIN)/python -m streaming.doctor "$(URL)" $(if $(IDLE),--idle $(IDLE))
+
 clean:
 	rm -rf $(VENV)

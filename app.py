@@ -22,6 +22,7 @@ from streaming.upstream.routing import Router
 from streaming.web import api, openai_compat, ops, sessions_api, usage_api
 from streaming.web.body_deadline import BodyDeadline
 from streaming.web.context import Sluice
+from streaming.web.diagnostics import bp as diagnostics_bp
 from streaming.web.errors import install_error_handlers
 from streaming.web.limits import init_limits
 
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(usage_api.bp)
     app.register_blueprint(ops.bp)
     app.register_blueprint(openai_compat.bp)
+    app.register_blueprint(diagnostics_bp)  # no credential needed (API.md §12)
     return app
 
 

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -71,8 +72,9 @@ def render_site(listen_port: int, upstream_port: int) -> str:
 
 
 class Nginx:
-    def __init__(self, upstream_port: int):
+    def __init__(self, upstream_port: int, edit: Callable[[str], str] | None = None):
         self.upstream_port = upstream_port
+        self.edit = edit  # a variant of the site (tests/test_doctor.py), else nginx.conf itself
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         # not under pytest's 0700 tmp dirs: nginx's workers run as nobody when we are root
@@ -83,7 +85,8 @@ class Nginx:
     def start(self, ready_status: int = 200) -> Nginx:
         """Start nginx; ready when GET /health through it answers `ready_status`."""
         binary = nginx_binary()
-        (self.dir / "sluice.conf").write_text(render_site(self.port, self.upstream_port))
+        site = render_site(self.port, self.upstream_port)
+        (self.dir / "sluice.conf").write_text(self.edit(site) if self.edit else site)
         conf = self.dir / "nginx.conf"
         conf.write_text(MAIN_CONF.format(tmp=self.dir))
         args = [binary, "-c", str(conf), "-p", f"{self.dir}/"]

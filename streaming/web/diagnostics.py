@@ -1,0 +1,170 @@
+"""GET /api/v1/diagnostics/stream: the probe stream that `streaming.doctor` measures.
+
+No credential is needed, also in authenticated mode (API.md §12): the
+blueprint has no `views.authenticated` hook. It is rate limited with
+``RATE_LIMIT_DEFAULT``, always per client IP (there is no owner to count
+against), sharing the budget of the other /api routes.
+
+The stream (SSE headers of every stream; no Redis, no generation):
+
+- ``event: probe`` frames (ids 1..13), one every 250 ms for 3 s, each with the
+  server's send time ``sent_at`` (epoch seconds, a float), ``seq`` and ``of``;
+  the first also says how the request reached Sluice (``server.protocol``: a
+  proxy in front speaking HTTP/1.0 to it shows here; ``server.forwarded``: how
+  many ``X-Forwarded-For`` hops it carried), for the doctor's culprit hints.
+- with ``?idle=S`` (0 <= S <= 120; anything else is ``400 invalid_request``
+  naming ``idle``): silence but for ``: ping`` comments for S seconds. The
+  silence is cut into k = max(3, ceil(S / HEARTBEAT_SECONDS)) equal intervals;
+  a ping ends each but the last, so pings come every S/k seconds, which is
+  min(HEARTBEAT_SECONDS, S/3) or just under it: at least two pings cross every
+  idle period, and with S >= 3 x HEARTBEAT_SECONDS they come exactly as often
+  as on a real stream (so a proxy timeout that would cut real streams cuts this).
+- ``event: done`` (id 14): ``{"type": "done", "finished": true, "probes",
+  "pings", "idle", "sent_at"}``.
+
+Waiting never blocks the worker: the body sleeps on a libev timer and on the
+client socket watch (`streaming.core.follow.ClientWatch`), so a client that
+goes away ends the body within milliseconds, even during a long silence
+(`close()`, which gunicorn always calls, releases the timer and the watch).
+
+``GET /static/arrival.js`` serves the page's own burst detector
+(``static/arrival.js``, see its header), which points people at the doctor.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Iterator
+
+from flask import Blueprint, Response, request, send_from_directory
+from gevent import get_hub
+
+from streaming.core.follow import Body, ClientWatch
+from streaming.sse import PING, encode_json
+from streaming.web.context import sluice
+from streaming.web.errors import ApiError
+from streaming.web.limits import client_ip, limiter
+from streaming.web.ops import WEB_DIR
+from streaming.web.views import SSE_HEADERS, client_watch
+
+__all__ = ["PROBES", "PROBE_INTERVAL", "MAX_IDLE", "bp", "idle_schedule", "probe_stream"]
+
+PROBES = 13  # at 0, 0.25, ..., 3.0 s
+PROBE_INTERVAL = 0.25
+MAX_IDLE = 120.0
+_IDLE = re.compile(r"\d{1,3}(\.\d{1,3})?")
+
+bp = Blueprint("diagnostics", __name__)
+# Per client IP even in authenticated mode (no credential here), in the /api budget.
+_limit = limiter.shared_limit(
+    lambda: sluice().settings.rate_limit_default, scope="api", key_func=client_ip
+)
+
+
+def idle_schedule(idle: float, heartbeat: float) -> tuple[int, float]:
+    """(pings, interval) for a silence of `idle` seconds: k equal intervals, a ping ending all but
+    the last, k = max(3, ceil(idle / heartbeat)); (0, 0.0) without a silence."""
+    if idle <= 0:
+        return 0, 0.0
+    k = max(3, math.ceil(idle / heartbeat - 1e-9))
+    return k - 1, idle / k
+
+
+def _idle_arg() -> float:
+    raw = request.args.get("idle", "0")
+    if not _IDLE.fullmatch(raw) or float(raw) > MAX_IDLE:
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"Invalid field 'idle': a number of seconds from 0 to {MAX_IDLE:g}.",
+        )
+    return float(raw)
+
+
+def _pause(until: float, watch: ClientWatch) -> None:
+    """Sleep until monotonic time `until`, or until the client goes away."""
+    delay = until - time.monotonic()
+    wake = watch.wake
+    wake.clear()
+    if delay <= 0 or watch.gone:
+        return
+    timer = get_hub().loop.timer(delay)
+    timer.start(wake.set)
+    try:
+        wake.wait()
+    finally:
+        timer.stop()
+        timer.close()
+
+
+def probe_stream(idle: float, heartbeat: float, watch: ClientWatch, server: dict) -> Body:
+    """The response body: probes, the optional silence with its pings, then `done`.
+
+    A `Body`, so the watch is closed even when the body is never iterated.
+    """
+    return Body(_frames(idle, heartbeat, watch, server), watch.close)
+
+
+def _frames(idle: float, heartbeat: float, watch: ClientWatch, server: dict) -> Iterator[bytes]:
+    pings, interval = idle_schedule(idle, heartbeat)
+    start = time.monotonic()
+    for seq in range(1, PROBES + 1):
+        _pause(start + (seq - 1) * PROBE_INTERVAL, watch)
+        if watch.gone:
+            return
+        probe = {
+            "type": "probe",
+            "seq": seq,
+            "of": PROBES,
+            "sent_at": time.time(),
+            "interval": PROBE_INTERVAL,
+            "idle": idle,
+            "ping_interval": round(interval, 3),
+        }
+        if seq == 1:
+            probe["server"] = server
+        yield encode_json(probe, event="probe", id=seq)
+    quiet = time.monotonic()
+    for n in range(1, pings + 1):
+        _pause(quiet + n * interval, watch)
+        if watch.gone:
+            return
+        yield PING
+    _pause(quiet + idle, watch)
+    if watch.gone:
+        return
+    done = {
+        "type": "done",
+        "finished": True,
+        "probes": PROBES,
+        "pings": pings,
+        "idle": idle,
+        "sent_at": time.time(),
+    }
+    yield encode_json(done, event="done", id=PROBES + 1)
+
+
+@bp.get("/api/v1/diagnostics/stream")
+@_limit
+def diagnostics_stream() -> Response:
+    idle = _idle_arg()
+    forwarded = request.headers.get("X-Forwarded-For", "")
+    server = {
+        "protocol": request.environ.get("SERVER_PROTOCOL", ""),
+        "forwarded": len([hop for hop in forwarded.split(",") if hop.strip()]),
+    }
+    body = probe_stream(idle, sluice().settings.heartbeat_seconds, client_watch(), server)
+    return Response(
+        body,
+        status=200,
+        content_type="text/event-stream",
+        headers=SSE_HEADERS,
+        direct_passthrough=True,
+    )
+
+
+@bp.get("/static/arrival.js")
+def arrival_js() -> Response:
+    return send_from_directory(WEB_DIR, "arrival.js", mimetype="text/javascript")
