@@ -17,6 +17,10 @@ For client C (its IP, or its owner in authenticated mode), session S and owner O
 - ``session:S``, ``session:S:messages``, ``session:S:live``, ``sessions:O``
   (see `streaming.core.sessions`)
 
+For a browser sign-in whose cookie value has digest H (the value itself is never stored):
+
+- ``signin:H``  the sign-in session (string, JSON; see `streaming.web.signin_store`)
+
 Rate limits are flask-limiter's, under ``sluice:rl`` (`streaming.web.limits`).
 """
 
@@ -30,6 +34,7 @@ __all__ = [
     "registry",
     "session",
     "sessions",
+    "signin",
     "slots",
     "usage",
     "watch",
@@ -76,3 +81,8 @@ def sessions(owner: str) -> str:
 def usage(client: str, day: str) -> str:
     """``day``: the UTC day, ``YYYY-MM-DD``."""
     return f"sluice:usage:{client}:{day}"
+
+
+def signin(digest: str) -> str:
+    """``digest``: the SHA-256 of a sign-in cookie's value (hex)."""
+    return f"sluice:signin:{digest}"
