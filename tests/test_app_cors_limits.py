@@ -203,3 +203,10 @@ def test_open_mode_counts_no_failures(make_app):
     client = make_app(RATE_LIMIT_AUTH_FAILURES="1/minute").test_client()
     for _ in range(5):
         assert client.get(SESSIONS.replace("sessions", "usage"), headers=K1).status_code == 200
+
+
+def test_a_valid_bearer_asking_for_a_cookie_is_no_failure(guarded):
+    client = guarded.test_client()
+    for _ in range(5):
+        assert client.get("/api/v1/auth/session", headers=K1).status_code == 401
+    assert client.get(SESSIONS, headers=K1).status_code == 200

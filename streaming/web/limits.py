@@ -6,20 +6,21 @@ every /api and /v1 route; ``RATE_LIMIT_STREAM`` is a second budget for starting
 generations. The client (`limit_key`) is the IP in open mode and the owner in
 authenticated mode (API.md section 2: an office behind one NAT is not one
 bucket); a request without a valid credential counts against its IP.
+Refusals are 429 ``rate_limited`` with ``Retry-After`` and ``X-RateLimit-*``
+headers. Answers that pass carry no such headers: reading the window for them
+costs two more Redis round trips (GET + TTL) per request, a fifth of the CPU
+of starting a stream; the refusal is where a client needs them.
 
 Failed authentications (`auth_failure_limit`, ``RATE_LIMIT_AUTH_FAILURES``, per
-client IP, authenticated mode only): flask-limiter's own conditional deduction
-(``deduct_when``): before a request the window is only tested (a spent one is
-429 ``rate_limited`` for every request from that IP, valid credentials
-included: a guesser must not learn which guess was right), and after it a 401
-to a request that presented a credential (a bearer or the sign-in cookie) is
-counted. A request that presented none (a page asking whether it is signed
-in) is no guess and is not counted. CORS preflights (``OPTIONS``) count against
-no limit. Refusals are 429 ``rate_limited`` with ``Retry-After`` and
-``X-RateLimit-*`` headers. Answers that pass carry no such headers: reading
-the window for them costs two more Redis round trips (GET + TTL) per request,
-a fifth of the CPU of starting a stream; the refusal is where a client needs
-them.
+client IP, authenticated mode only) use flask-limiter's own conditional
+deduction (``deduct_when``): before a request the window is only tested (a
+spent one is 429 ``rate_limited`` for every request from that IP, valid
+credentials included: a guesser must not learn which guess was right), and
+after it a 401 is counted when the request presented a credential (a bearer,
+or the sign-in cookie on /api) that was not valid. A request that presented
+none (a page asking whether it is signed in), or a valid bearer asking for a
+cookie sign-in it does not have, is no guess. CORS preflights (``OPTIONS``)
+count against no limit.
 
 Redis down: the limiter falls back to per-worker in-memory counters (and
 swallows storage errors) instead of answering 500; routes that need Redis
@@ -77,7 +78,8 @@ def _auth_exempt() -> bool:
 
 
 def _failed_authentication(response: Response) -> bool:
-    return response.status_code == 401 and presented_credential(request)
+    """A 401 to a request whose credential (a bearer, or the cookie on /api) was not valid."""
+    return response.status_code == 401 and presented_credential(request) and caller() is None
 
 
 limiter = Limiter(
