@@ -3,12 +3,14 @@ JWTs from a JWKS fetched inside a gevent worker, per-owner slots and usage (§2,
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 
 import pytest
 
 from devtools.harness import wait_for
+from streaming.core import keys
 from tests.jwks_server import AUDIENCE, ISSUER, JwksServer, Signer
 from tests.sse_client import EventStream, request
 
@@ -147,3 +149,16 @@ def test_slots_and_usage_count_per_owner_behind_one_ip(authed):
         "key-two's usage",
     )
     assert after
+
+
+def test_budgets_count_per_owner_behind_one_ip(make_sluice, redis_client):
+    server = make_sluice(workers=2, API_KEYS="budget-one,budget-two", TOKEN_BUDGET_DAILY="1000")
+    one, two = ({"Authorization": f"Bearer budget-{n}"} for n in ("one", "two"))
+    day = request(server.base, "GET", "/api/v1/usage", headers=one)[2]["day"]
+    owner = "key:" + hashlib.sha256(b"budget-one").hexdigest()[:24]  # as tokens.py names it
+    redis_client.hset(keys.usage(owner, day), mapping={"prompt_tokens": 1000})
+    status, _, body = request(server.base, "POST", PATH, {"prompt": "x"}, headers=one)
+    assert (status, body["error"]["code"]) == (429, "budget_exhausted")
+    assert request(server.base, "GET", "/api/v1/usage", headers=one)[2]["budget"]["remaining"] == 0
+    other = EventStream(server.base, PATH, {"prompt": "y sim:tokens=2"}, headers=two)
+    assert other.status == 200 and other.read_all()[-1]["data"]["reason"] == "stop"

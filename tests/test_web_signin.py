@@ -217,8 +217,8 @@ def test_answers_render_as_markdown_with_a_copy_button(sluice, page):
 
 def test_markdown_renders_while_it_streams(sluice, page):
     page.goto(sluice.base + "/")
-    send(page, "Slow words sim:tokens=200 sim:rate=40")
-    wait_longer_than(page, 40)
+    send(page, "Slow words sim:tokens=80 sim:rate=40")
+    wait_longer_than(page, 20)
     expect(answer(page)).to_have_attribute("data-state", "streaming")
     # rendered already: paragraphs, not raw text
     expect(answer(page).get_by_test_id("assistant-text").locator("p").first).to_be_visible()
