@@ -15,7 +15,7 @@ import time
 import jwt
 import pytest
 
-from config.settings import load_settings
+from config.settings import SettingsError, load_settings
 from streaming.web.tokens import Credentials, InvalidCredential
 from tests.jwks_server import AUDIENCE, ISSUER, JwksServer, Signer, hs256
 
@@ -173,3 +173,16 @@ def test_keys_and_jwts_at_once(rsa_key):
         assert creds.verify(hs256(SECRET)).kind == "jwt"
         assert creds.verify(rsa_key.token()).kind == "jwt"
         refused(creds, "not-a-key")
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"JWT_SECRET": "too-short"}, "JWT_SECRET"),
+        ({"JWT_JWKS_URL": "file:///etc/passwd"}, "JWT_JWKS_URL"),
+        ({"RATE_LIMIT_AUTH_FAILURES": "often"}, "RATE_LIMIT_AUTH_FAILURES"),
+    ],
+)
+def test_bad_identity_settings_name_the_variable(env, name):
+    with pytest.raises(SettingsError, match=name):
+        load_settings({"APP_ENV": "test", **env})
