@@ -7,6 +7,7 @@ value stops the process with one line naming the variable and what it accepts.
 from __future__ import annotations
 
 import os
+import re
 from typing import Annotated, Literal
 
 from limits import parse_many
@@ -113,6 +114,17 @@ class Settings(BaseSettings):
     def _jwks_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("https://", "http://")):
             raise ValueError("an https:// (or http://) URL")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s?#]+", origin):
+                raise ValueError(
+                    f"origins such as https://chat.example.com (scheme and host, no path) "
+                    f"or *; got {origin[:80]!r}"
+                )
         return value
 
     @field_validator("redis_url")

@@ -82,6 +82,7 @@ def test_sign_out_on_one_worker_revokes_on_the_other_at_once(authed):
     assert status == 401 and json.loads(body)["error"]["code"] == "unauthorized"
     assert call(b, "GET", "/api/v1/sessions", cookie)[0] == 401
     assert call(b, "POST", "/api/v1/sessions", {**cookie, **origin})[0] == 401
+    assert cookie["Cookie"].split("=", 1)[1] not in authed.log_path.read_text()
     a.close()
     b.close()
 
@@ -129,6 +130,10 @@ def test_a_jwks_token_streams_and_owns(authed, signer, jwks):
     assert jwks.fetches <= 2  # once per worker at most, then the cache
     wrong = {"Authorization": f"Bearer {signer.token(aud='someone-else')}"}
     assert request(authed.base, "POST", PATH, {"prompt": "x"}, headers=wrong)[0] == 401
+    # no credential reaches the logs: neither tokens nor keys
+    log = authed.log_path.read_text()
+    for secret in (token["Authorization"][7:], wrong["Authorization"][7:], "key-one"):
+        assert secret not in log
 
 
 def test_slots_and_usage_count_per_owner_behind_one_ip(authed):

@@ -186,3 +186,11 @@ def test_keys_and_jwts_at_once(rsa_key):
 def test_bad_identity_settings_name_the_variable(env, name):
     with pytest.raises(SettingsError, match=name):
         load_settings({"APP_ENV": "test", **env})
+
+
+@pytest.mark.parametrize(
+    "origins", ["chat.example.com", "https://chat.example.com/", "https://a/b"]
+)
+def test_cors_origins_are_origins(origins):
+    with pytest.raises(SettingsError, match="CORS_ORIGINS"):
+        load_settings({"APP_ENV": "test", "CORS_ORIGINS": origins})
