@@ -150,6 +150,16 @@ def test_an_expired_sign_in_asks_again(authed, page):
     send(page, "hello")
     expect(page.get_by_test_id("signin")).to_be_visible()
     expect(page.get_by_test_id("signin-error")).to_contain_text("sign in again")
+    expect(page.get_by_test_id("sidebar-note")).to_be_empty()
+    expect(page.get_by_test_id("signin-token")).to_be_focused()
+    expect(page.get_by_test_id("prompt")).to_have_value("hello")  # given back for later
+    # signing in again goes on where it was
+    page.get_by_test_id("signin-token").fill(KEY)
+    page.get_by_test_id("signin-submit").click()
+    expect(page.get_by_test_id("signin")).to_be_hidden()
+    page.get_by_test_id("send").click()
+    expect(answer(page)).to_have_attribute("data-state", "done")
+    assert page.uncaught == []
 
 
 # -- Markdown ----------------------------------------------------------------------------
