@@ -19,16 +19,15 @@ from streaming.core.manager import StreamManager
 from streaming.logs import configure_logging, install_request_log
 from streaming.redis_conn import RedisGate, connect
 from streaming.upstream.routing import Router
-from streaming.web import api, openai_compat, ops, sessions_api, usage_api
+from streaming.web import api, openai_compat, ops, sessions_api, signin, usage_api
 from streaming.web.body_deadline import BodyDeadline
 from streaming.web.context import Sluice
+from streaming.web.cors import init_cors
 from streaming.web.diagnostics import bp as diagnostics_bp
 from streaming.web.errors import install_error_handlers
 from streaming.web.limits import init_limits
 
 __all__ = ["create_app"]
-
-SIMULATOR_API_KEY = "sk-sluice-simulator"
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -62,16 +61,19 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["sluice"] = Sluice(settings, redis_client, upstream, manager)
 
     if settings.trusted_proxies:
-        # Believe exactly that many X-Forwarded-For hops (nginx.conf: 1), no more.
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)
+        # Believe exactly that many X-Forwarded-For (and -Proto) hops (nginx.conf: 1), no more.
+        n = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n)
     # request bodies arrive within 10 s (408) and malformed ones are a 400, never a 500
     app.wsgi_app = BodyDeadline(app.wsgi_app)
     install_error_handlers(app)  # first: its fail-fast hook runs before the limiter's
     init_limits(app, redis_client)
     install_request_log(app)
+    init_cors(app, settings.cors_origins)  # its after_request hooks run before the others
     app.register_blueprint(api.bp)
     app.register_blueprint(sessions_api.bp)
     app.register_blueprint(usage_api.bp)
+    app.register_blueprint(signin.bp)
     app.register_blueprint(ops.bp)
     app.register_blueprint(openai_compat.bp)
     app.register_blueprint(diagnostics_bp)  # no credential needed (API.md §12)

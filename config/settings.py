@@ -7,6 +7,7 @@ value stops the process with one line naming the variable and what it accepts.
 from __future__ import annotations
 
 import os
+import re
 from contextvars import ContextVar
 from typing import Annotated, Literal
 
@@ -113,6 +114,31 @@ class Settings(BaseSettings):
     @classmethod
     def _unset_if_empty(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _jwt_secret(cls, value: str | None) -> str | None:
+        if value is not None and len(value.encode()) < 32:
+            raise ValueError("at least 32 bytes (an HS256 key, RFC 7518 section 3.2)")
+        return value
+
+    @field_validator("jwt_jwks_url")
+    @classmethod
+    def _jwks_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError("an https:// (or http://) URL")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s?#]+", origin):
+                raise ValueError(
+                    f"origins such as https://chat.example.com (scheme and host, no path) "
+                    f"or *; got {origin[:80]!r}"
+                )
+        return value
 
     @field_validator("redis_url")
     @classmethod

@@ -5,6 +5,9 @@ newlines is split over several ``data:`` lines (the browser joins them back
 with ``\\n``), so a newline inside a token can never end a frame early;
 newlines are stripped from ``id`` and ``event``. Comments (``: ping``) keep a
 quiet connection alive and let the server notice a client that went away.
+Every ``/api`` event stream begins with `RETRY` (``retry: 1000``, a block with
+no data, so no event): a browser `EventSource` then reconnects after a second,
+well inside ``DISCONNECT_GRACE_SECONDS``, instead of its default three.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from collections.abc import Iterator
 __all__ = [
     "DELTA_EVENT",
     "PING",
+    "RETRY",
+    "RETRY_MS",
     "comment",
     "compact_json",
     "encode",
@@ -61,6 +66,8 @@ def comment(text: str = "") -> bytes:
 
 
 PING = comment("ping")
+RETRY_MS = 1000
+RETRY = f"retry: {RETRY_MS}\n\n".encode()  # the first bytes of every /api event stream
 
 
 # -- reading our own frames back (the event log, followers) ----------------------------
@@ -102,7 +109,8 @@ def is_done_frame(frame: bytes) -> bool:
 def parse(stream: bytes | str) -> list[dict[str, str]]:
     """Parse SSE text into events (``id``, ``event``, ``data``); comments are skipped.
 
-    Used by tests and tools; follows the WHATWG rules for the fields used here.
+    Used by tests and tools; follows the WHATWG rules for the fields used here:
+    a block without ``data`` (the ``retry: 1000`` that opens a stream) is no event.
     """
     text = stream.decode() if isinstance(stream, bytes) else stream
     events: list[dict[str, str]] = []
@@ -110,9 +118,8 @@ def parse(stream: bytes | str) -> list[dict[str, str]]:
     data: list[str] = []
     for line in _LINE_BREAKS.split(text):
         if not line:
-            if data or current:
-                if data:
-                    current["data"] = "\n".join(data)
+            if data:
+                current["data"] = "\n".join(data)
                 events.append(current)
             current, data = {}, []
             continue

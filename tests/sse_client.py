@@ -73,7 +73,10 @@ class EventStream:
                 if frame.startswith(":"):
                     self.pings += frame.count(": ping")
                     continue
-                event = parse(frame + "\n\n")[0]
+                parsed = parse(frame + "\n\n")
+                if not parsed:  # a block without data: the opening "retry: 1000"
+                    continue
+                event = parsed[0]
                 event["data"] = json.loads(event["data"])
                 self.events.append(event)
                 return event

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streaming.sse import PING, comment, encode, encode_json, parse
+from streaming.sse import PING, RETRY, comment, encode, encode_json, parse
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -42,3 +42,10 @@ def test_comments():
     assert PING == b": ping\n\n"
     assert comment("a\nb") == b": a\n: b\n\n"
     assert parse(PING + encode("x")) == [{"data": "x"}]
+
+
+def test_the_retry_field_that_opens_api_streams_is_no_event():
+    assert RETRY == b"retry: 1000\n\n"
+    assert parse(RETRY + encode("x", event="start", id=1)) == [
+        {"id": "1", "event": "start", "data": "x"}
+    ]

@@ -22,6 +22,10 @@ For upstream U (a name of UPSTREAMS_FILE, or ``default``):
 - ``upstream:{U}:breaker``  U's circuit breaker (hash; see `streaming.upstream.breaker`);
   U's keys share the hash tag ``{U}``
 
+For a browser sign-in whose cookie value has digest H (the value itself is never stored):
+
+- ``signin:H``  the sign-in session (string, JSON; see `streaming.web.signin_store`)
+
 Rate limits are flask-limiter's, under ``sluice:rl`` (`streaming.web.limits`).
 """
 
@@ -36,6 +40,7 @@ __all__ = [
     "registry",
     "session",
     "sessions",
+    "signin",
     "slots",
     "usage",
     "watch",
@@ -87,3 +92,8 @@ def usage(client: str, day: str) -> str:
 def breaker(upstream: str) -> str:
     """``upstream``: its name (letters, digits, ``-_.``; never braces)."""
     return f"sluice:upstream:{{{upstream}}}:breaker"
+
+
+def signin(digest: str) -> str:
+    """``digest``: the SHA-256 of a sign-in cookie's value (hex)."""
+    return f"sluice:signin:{digest}"

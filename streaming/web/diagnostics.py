@@ -27,8 +27,9 @@ client socket watch (`streaming.core.follow.ClientWatch`), so a client that
 goes away ends the body within milliseconds, even during a long silence
 (`close()`, which gunicorn always calls, releases the timer and the watch).
 
-``GET /static/arrival.js`` serves the page's own burst detector
-(``static/arrival.js``, see its header), which points people at the doctor.
+The page's own burst detector, ``static/arrival.js`` (see its header), is
+served with the page's other files by `streaming.web.ops`; it points people at
+the doctor.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import re
 import time
 from collections.abc import Iterator
 
-from flask import Blueprint, Response, request, send_from_directory
+from flask import Blueprint, Response, request
 from gevent import get_hub
 
 from streaming.core.follow import Body, ClientWatch
@@ -46,7 +47,6 @@ from streaming.sse import PING, encode_json
 from streaming.web.context import sluice
 from streaming.web.errors import ApiError
 from streaming.web.limits import client_ip, limiter
-from streaming.web.ops import WEB_DIR
 from streaming.web.views import SSE_HEADERS, client_watch
 
 __all__ = ["PROBES", "PROBE_INTERVAL", "MAX_IDLE", "bp", "idle_schedule", "probe_stream"]
@@ -163,8 +163,3 @@ def diagnostics_stream() -> Response:
         headers=SSE_HEADERS,
         direct_passthrough=True,
     )
-
-
-@bp.get("/static/arrival.js")
-def arrival_js() -> Response:
-    return send_from_directory(WEB_DIR, "arrival.js", mimetype="text/javascript")

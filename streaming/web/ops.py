@@ -43,3 +43,9 @@ def ready() -> Response:
 @bp.get("/")
 def index() -> Response:
     return send_from_directory(WEB_DIR, "index.html")
+
+
+@bp.get("/static/<path:name>")
+def static_file(name: str) -> Response:
+    """The page's own files (streaming/web/static: vendored libraries, scripts)."""
+    return send_from_directory(WEB_DIR, name)

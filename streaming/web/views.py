@@ -1,10 +1,14 @@
 """What every blueprint shares: the caller's identity, SSE responses, the client watch.
 
 - `authenticated(bp)` puts the one authentication hook on a blueprint: it
-  sets ``g.owner`` (`streaming.web.context.authenticate`) before any view runs.
+  sets ``g.owner`` (`streaming.web.context.authenticate`) before any view runs
+  (a CORS preflight, ``OPTIONS``, needs no credential), and the limit on failed
+  authentications per client IP (`streaming.web.limits.auth_failure_limit`).
 - `limit_client()` is who limits and slots count against: the owner in
   authenticated mode, else the client IP (`streaming.web.limits.client_ip`).
-- `sse_response` is every event-stream answer, with its headers in one place.
+- `sse_response` is every event-stream answer, with its headers in one place;
+  on ``/api`` it begins with ``retry: 1000`` (API.md section 6: a browser
+  `EventSource` reconnects within a second); ``/v1`` stays OpenAI's format.
 - `start_generation` validates a completion body (ours, or /v1's translated)
   and starts it for the caller (`streaming.core.service.start`).
 - `client_watch` watches the request's client socket (and gives it a send
@@ -20,8 +24,9 @@ from flask import Blueprint, Response, g, request
 from streaming.core import service
 from streaming.core.follow import ClientWatch
 from streaming.core.generation import Generation
+from streaming.sse import RETRY
 from streaming.web.context import authenticate, sluice
-from streaming.web.limits import client_ip
+from streaming.web.limits import auth_failure_limit, client_ip
 from streaming.web.validation import parse_completion
 
 __all__ = [
@@ -36,11 +41,14 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def _authenticate() -> None:
+    if request.method == "OPTIONS":  # a CORS preflight never needs a credential
+        return
     g.owner = authenticate(request, sluice().settings)
 
 
 def authenticated(bp: Blueprint) -> Blueprint:
     bp.before_request(_authenticate)
+    auth_failure_limit(bp)
     return bp
 
 
@@ -48,7 +56,34 @@ def limit_client() -> str:
     return g.owner if sluice().settings.authenticated else client_ip()
 
 
+class _Prefixed:
+    """A WSGI body that sends `first` before `body` (and closes `body`); a few bytes per stream."""
+
+    __slots__ = ("_first", "_body")
+
+    def __init__(self, first: bytes, body: Iterable[bytes]):
+        self._first: bytes | None = first
+        self._body = body
+
+    def __iter__(self) -> _Prefixed:
+        return self
+
+    def __next__(self) -> bytes:
+        first = self._first
+        if first is not None:
+            self._first = None
+            return first
+        return next(self._body)
+
+    def close(self) -> None:
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            close()
+
+
 def sse_response(body: Iterable[bytes], stream_id: str) -> Response:
+    if request.path.startswith("/api/"):
+        body = [RETRY, *body] if isinstance(body, list) else _Prefixed(RETRY, iter(body))
     return Response(
         body,
         status=200,
