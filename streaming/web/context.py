@@ -1,4 +1,4 @@
-"""The per-app objects (one Redis pool, one upstream client, one StreamManager), and who calls.
+"""The per-app objects (one Redis pool, the upstream router, one StreamManager), and who calls.
 
 Identity (API.md section 2). `caller()` resolves, once per request (kept in
 ``flask.g``), who the request comes from, and never raises (the rate limiter's
@@ -27,7 +27,7 @@ from flask import Request, current_app, g, request
 from config.settings import Settings
 from streaming.core.manager import StreamManager
 from streaming.redis_conn import RedisGate
-from streaming.upstream.client import Upstream
+from streaming.upstream.routing import Router
 from streaming.web.errors import ApiError
 from streaming.web.origin import SAFE_METHODS, origin_allowed
 from streaming.web.signin_store import SignInStore
@@ -55,7 +55,7 @@ COOKIE = "sluice_session"
 class Sluice:
     settings: Settings
     redis: redis.Redis
-    upstream: Upstream
+    upstream: Router  # the upstreams, their clients and breaker (streaming.upstream.routing)
     manager: StreamManager
     credentials: Credentials = field(init=False)
     signins: SignInStore = field(init=False)
