@@ -84,19 +84,24 @@ def _idle_arg() -> float:
 
 
 def _pause(until: float, watch: ClientWatch) -> None:
-    """Sleep until monotonic time `until`, or until the client goes away."""
-    delay = until - time.monotonic()
+    """Sleep until monotonic time `until`, or until the client goes away.
+
+    The watch's wake event is also set by the client socket's own events, so a
+    wake-up before `until` with the client still there sleeps again.
+    """
     wake = watch.wake
-    wake.clear()
-    if delay <= 0 or watch.gone:
-        return
-    timer = get_hub().loop.timer(delay)
-    timer.start(wake.set)
-    try:
-        wake.wait()
-    finally:
-        timer.stop()
-        timer.close()
+    while not watch.gone:
+        delay = until - time.monotonic()
+        if delay <= 0:
+            return
+        wake.clear()
+        timer = get_hub().loop.timer(delay)
+        timer.start(wake.set)
+        try:
+            wake.wait()
+        finally:
+            timer.stop()
+            timer.close()
 
 
 def probe_stream(idle: float, heartbeat: float, watch: ClientWatch, server: dict) -> Body:
