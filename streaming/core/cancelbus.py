@@ -176,7 +176,7 @@ class CancelBus:
                 backoff = 0.1
                 readers = [gevent.spawn(self._read, pubsub) for pubsub in pubsubs]
                 for ended in gevent.wait(readers, count=1):
-                    ended.get()  # its error
+                    raise ended.get()  # the error that ended it
             except redis.RedisError as exc:
                 logger.warning("cancel listener lost Redis (%s); retrying in %.1fs", exc, backoff)
                 gevent.sleep(backoff)
@@ -191,8 +191,15 @@ class CancelBus:
                 for pubsub in pubsubs:
                     pubsub.close()
 
-    def _read(self, pubsub: redis.client.PubSub) -> None:
-        """Read one subscription until it ends (an error, or a shard that moved)."""
+    def _read(self, pubsub: redis.client.PubSub) -> redis.RedisError:
+        """Read one subscription until it ends: its error (a lost node, a shard that moved)."""
+        try:
+            self._dispatch(pubsub)
+        except redis.RedisError as exc:
+            return exc
+        return redis.ConnectionError("subscription ended")
+
+    def _dispatch(self, pubsub: redis.client.PubSub) -> None:
         while True:
             message = pubsub.get_message(timeout=5.0)
             if not message:
