@@ -58,6 +58,7 @@ def _sluice_env(redis_server, simulator, **extra: str) -> dict[str, str]:
         "HEARTBEAT_SECONDS": "1",
         "DISCONNECT_GRACE_SECONDS": "0",
         "UPSTREAM_TIMEOUT_SECONDS": "3",
+        "UPSTREAM_HEAD_TIMEOUT_SECONDS": "3",  # never above the upstream timeout (settings)
         "ALLOWED_MODELS": "gpt-4o-mini,gpt-4o",
         # the suite's own requests all come from 127.0.0.1: limits are tested on their own servers
         "RATE_LIMIT_DEFAULT": "100000/minute",

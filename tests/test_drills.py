@@ -49,6 +49,7 @@ def own_sluice(simulator):
                 "HEARTBEAT_SECONDS": "1",
                 "DISCONNECT_GRACE_SECONDS": "0",
                 "UPSTREAM_TIMEOUT_SECONDS": "5",
+                "UPSTREAM_HEAD_TIMEOUT_SECONDS": "5",
                 **env,
             },
             workers=workers,
