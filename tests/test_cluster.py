@@ -67,7 +67,7 @@ def text_of(events) -> str:
     return "".join(e["data"]["token"] for e in events if e["event"] == "token")
 
 
-def test_stream_and_cancel_across_servers(pair, simulator, client, tag):
+def test_stream_and_cancel_across_servers(pair, cluster, simulator, client, tag):
     a, b = pair
     assert request(a.base, "GET", "/ready")[0] == 200
     done = EventStream(a.base, STREAM, {"prompt": "x sim:tokens=5"}, headers=client).read_all()
@@ -86,6 +86,16 @@ def test_stream_and_cancel_across_servers(pair, simulator, client, tag):
         assert time.monotonic() - started < 1.0
         assert stream.read_all()[-1]["data"]["reason"] == "cancelled"
         assert simulator.record(tag, timeout=2)["state"] == "client_closed"
+    # the cancel bus is sharded pub/sub: each listening worker holds every shard's
+    # channels, each on the master of its slot (a worker listens once it served a stream)
+    for k in range(keys.SHARDS):
+        channel = keys.shard_channels(k)[0]
+        with cluster.node(cluster.master_of(channel)) as node:
+            wait_for(
+                lambda n=node, c=channel: 1 <= n.pubsub_shardnumsub(c)[0][1] <= 4,
+                10,
+                f"workers on {channel}",
+            )
 
 
 def test_resume_on_the_other_server_loses_nothing(pair, client):
@@ -140,8 +150,8 @@ def start_on(server: Sluice, client, prompt: str, master: int, cluster, deadline
     """Start streams until one lands on `master` (its shard's slot); 503s are retried."""
     while time.monotonic() < deadline:
         stream = EventStream(server.base, STREAM, {"prompt": prompt}, headers=client)
-        if stream.status != 200:
-            stream.close()
+        if stream.status != 200:  # that master's slots are not served yet: a 503, never a 500
+            assert (stream.status, stream.json()["error"]["code"]) == (503, "redis_unavailable")
             continue
         if cluster.master_of(keys.registry(stream.stream_id)) == master:
             return stream
@@ -205,5 +215,6 @@ def test_a_master_dies_and_its_replica_takes_over_without_a_restart(pair, cluste
     assert [int(e["id"]) for e in events] == list(range(1, len(events) + 1))
     assert events[-1]["data"]["reason"] == "stop"
     assert time.monotonic() < deadline
+    print(f"failover: all worked again {time.monotonic() - (deadline - 20):.1f}s after promotion")
     wait_for(lambda: request(a.base, "GET", "/ready")[0] == 200, 5, "ready")
     assert pids == (a.proc.pid, b.proc.pid, sorted(a.worker_pids()), sorted(b.worker_pids()))
