@@ -180,6 +180,12 @@ def test_a_master_dies_and_its_replica_takes_over_without_a_restart(pair, cluste
     key = keys.registry(live.stream_id)
     dead = cluster.master_of(key)
     cluster.kill(dead)
+    # until the promotion: starts answer, or fail as Redis unavailable (503), never 500
+    for server in (a, b, a, b):
+        status, _, body = request(
+            server.base, "POST", "/api/v1/completions", {"prompt": "x sim:tokens=2"}, client
+        )
+        assert status == 202 or (status, body["error"]["code"]) == (503, "redis_unavailable")
     promoted = cluster.wait_failover(dead, key)
     deadline = time.monotonic() + 20  # API.md §13: within 20 s of the promotion
     # the stream that was running goes on, and a cancel from the other server stops it

@@ -67,3 +67,13 @@ def test_a_clients_keys_share_one_slot(client):
 def test_a_sessions_keys_share_one_slot():
     sid = "se_" + secrets.token_hex(16)
     assert len({slot(keys.session(sid, part)) for part in ("", ":messages", ":live")}) == 1
+
+
+def test_a_cluster_url_names_its_nodes():
+    from streaming.redis_conn import cluster_nodes
+
+    first, nodes = cluster_nodes("redis+cluster://:pw@10.0.0.1:7000,10.0.0.2:7001,h3")
+    assert first == "redis://:pw@10.0.0.1:7000"
+    assert nodes == [("10.0.0.1", 7000), ("10.0.0.2", 7001), ("h3", 6379)]
+    with pytest.raises(ValueError, match="host:port"):
+        cluster_nodes("redis+cluster://")

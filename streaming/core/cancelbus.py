@@ -200,16 +200,23 @@ class CancelBus:
         return redis.ConnectionError("subscription ended")
 
     def _dispatch(self, pubsub: redis.client.PubSub) -> None:
+        pinged = False  # a quiet subscription is pinged: a node gone silent is noticed
         while True:
             message = pubsub.get_message(timeout=5.0)
             if not message:
+                if pinged:
+                    raise redis.ConnectionError("the cancel bus's node stopped answering")
+                pubsub.ping()
+                pinged = True
                 continue
             kind = message["type"]
-            if kind == "sunsubscribe":  # Redis dropped a shard: its slot moved
+            if kind == "pong":
+                pinged = False
+            elif kind == "sunsubscribe":  # Redis dropped a shard: its slot moved
                 raise redis.ConnectionError("a shard of the cancel bus moved")
-            if kind not in ("message", "smessage"):
+            elif kind not in ("message", "smessage"):
                 continue
-            if message["channel"].startswith(b"sluice:ack:"):
+            elif message["channel"].startswith(b"sluice:ack:"):
                 self._acknowledged(message["data"])
             else:
                 self.stop_local([message["data"].decode()])
