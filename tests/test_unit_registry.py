@@ -1,7 +1,8 @@
 """Unit: the stream registry (`streaming.core.registry`) on the real redis-server.
 
-Admission is one script: the client's concurrency slot, the session's live
-lease and the registry entry, all or nothing; a refusal is a domain error
+Admission is one round trip of single-slot steps: the client's concurrency slot,
+the session's live lease and the registry entry; a refusal undoes the others
+(nothing is left behind) and is a domain error
 (`streaming.core.exceptions`), never an HTTP status. No gevent, no upstream: the
 registry is plain Redis calls. (The event log has tests/test_eventlog.py.)
 """

@@ -1,10 +1,11 @@
 """Chat sessions in Redis: a title, an owner and the message history.
 
-Keys, for session id S: ``session:S`` (hash: owner, title, created),
-``session:S:messages`` (list of JSON messages, oldest first, trimmed to
-``SESSION_MAX_MESSAGES``), ``session:S:live`` (the stream id generating in
-it now), and ``sessions:<owner>`` (sorted set, listing in authenticated
-mode). Every use refreshes the TTL (``SESSION_TTL_SECONDS``), so idle
+Keys, for session id S (all three tagged ``{S}``: one Redis Cluster slot):
+``session:{S}`` (hash: owner, title, created), ``session:{S}:messages`` (list
+of JSON messages, oldest first, trimmed to ``SESSION_MAX_MESSAGES``),
+``session:{S}:live`` (the stream id generating in it now), and
+``sessions:<owner>`` (sorted set, listing in authenticated mode; written as a
+second step: a session whose listing failed expires unlisted). Every use refreshes the TTL (``SESSION_TTL_SECONDS``), so idle
 sessions expire and active ones survive restarts of every worker.
 
 One stream at a time per session: a second stream on a session with a live
