@@ -6,7 +6,8 @@ of JSON messages, oldest first, trimmed to ``SESSION_MAX_MESSAGES``),
 ``session:{S}:live`` (the stream id generating in it now), and
 ``sessions:<owner>`` (sorted set, listing in authenticated mode; written as a
 second step: a session whose listing failed expires unlisted). Every use
-refreshes the TTL (``SESSION_TTL_SECONDS``), so idle sessions expire and active ones survive restarts of every worker.
+refreshes the TTL (``SESSION_TTL_SECONDS``), so idle sessions expire and
+active ones survive restarts of every worker.
 
 One stream at a time per session: a second stream on a session with a live
 one gets 409 ``session_busy`` (two answers written into one history at once
