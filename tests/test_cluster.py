@@ -58,9 +58,15 @@ def pair(cluster, simulator):
         server.stop()
 
 
+def fresh() -> dict[str, str]:
+    """A client of its own (open mode: streams belong to everyone, limits count per IP)."""
+    n = next(_ips)
+    return {"X-Forwarded-For": f"10.{21 + n // 250}.{os.getpid() % 250}.{n % 250}"}
+
+
 @pytest.fixture()
 def client() -> dict[str, str]:
-    return {"X-Forwarded-For": f"10.21.{os.getpid() % 250}.{next(_ips)}"}
+    return fresh()
 
 
 def text_of(events) -> str:
@@ -138,8 +144,9 @@ def test_session_turns_usage_and_rate_limits(pair, client):
     status, _, usage = request(a.base, "GET", "/api/v1/usage", headers=client)
     assert status == 200 and usage["generations"] == 2 and usage["completion_tokens"] > 0
     # one rate-limit budget (40/minute) shared by both servers and all four workers
+    # (50 requests: more than the budget even if a new minute began just before)
     statuses = [
-        request((a, b)[i % 2].base, "GET", "/api/v1/usage", headers=client)[0] for i in range(40)
+        request((a, b)[i % 2].base, "GET", "/api/v1/usage", headers=client)[0] for i in range(50)
     ]
     assert statuses.count(429) >= 1 and 200 in statuses
     status, headers, body = request(a.base, "GET", "/api/v1/usage", headers=client)
@@ -149,7 +156,7 @@ def test_session_turns_usage_and_rate_limits(pair, client):
 def start_on(server: Sluice, client, prompt: str, master: int, cluster, deadline: float):
     """Start streams until one lands on `master` (its shard's slot); 503s are retried."""
     while time.monotonic() < deadline:
-        stream = EventStream(server.base, STREAM, {"prompt": prompt}, headers=client)
+        stream = EventStream(server.base, STREAM, {"prompt": prompt}, headers=fresh())
         if stream.status != 200:  # that master's slots are not served yet: a 503, never a 500
             assert (stream.status, stream.json()["error"]["code"]) == (503, "redis_unavailable")
             continue
@@ -191,7 +198,7 @@ def test_a_master_dies_and_its_replica_takes_over_without_a_restart(pair, cluste
     # the stream that was running goes on, and a cancel from the other server stops it
     status = None
     while time.monotonic() < deadline:
-        status, _, body = request(b.base, "DELETE", f"{STREAM}/{live.stream_id}", headers=client)
+        status, _, body = request(b.base, "DELETE", f"{STREAM}/{live.stream_id}", headers=fresh())
         if status == 200:
             break
     assert status == 200 and body["status"] in ("cancelled", "finished")
