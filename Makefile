@@ -15,12 +15,13 @@ run: $(STAMP)
 	$(BIN)/gunicorn -c config/gunicorn.conf.py app:app
 
 # The browser tests drive Debian's Chromium, the nginx tests run Debian's nginx, the
-# proxy tests Debian's tinyproxy.
+# proxy tests Debian's tinyproxy, the cluster tests Debian's redis-server (>= 7).
 system-deps:
 	@missing=""; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v nginx >/dev/null || test -x /usr/sbin/nginx || missing="$$missing nginx"; \
 	command -v tinyproxy >/dev/null || test -x /usr/bin/tinyproxy || missing="$$missing tinyproxy"; \
+	test -x /usr/bin/redis-server || missing="$$missing redis-server"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \

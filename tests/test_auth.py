@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from streaming.core import keys
 from tests.sse_client import EventStream, request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -54,7 +55,7 @@ def test_streams_belong_to_their_key(authed, redis_client):
     assert request(authed.base, "DELETE", mine, headers=K1)[2]["status"] == "cancelled"
     assert stream.read_all()[-1]["data"]["reason"] == "cancelled"
     # the key itself is never stored
-    owner = redis_client.hget(f"sluice:stream:{stream.stream_id}", "owner").decode()
+    owner = redis_client.hget(keys.registry(stream.stream_id), "owner").decode()
     assert "key-one" not in owner and owner.startswith("key:")
 
 

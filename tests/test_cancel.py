@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from devtools.harness import wait_for
+from streaming.core import keys
 from tests.sse_client import EventStream, request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -21,7 +22,7 @@ PATH = "/api/v1/completions/stream"
 
 
 def owner_pid(redis_client, stream_id: str) -> int:
-    worker = redis_client.hget(f"sluice:stream:{stream_id}", "worker").decode()
+    worker = redis_client.hget(keys.registry(stream_id), "worker").decode()
     return int(worker.split(":")[1])
 
 
@@ -120,7 +121,7 @@ def test_cancel_flag_alone_stops_a_stream_when_pubsub_lost_the_message(
 ):
     stream = start_stream(sluice, tag)
     # no PUBLISH: only the flag, as after a listener reconnect that missed the message
-    redis_client.set(f"sluice:cancel:{stream.stream_id}", "1", ex=60)
+    redis_client.set(keys.cancel_flag(stream.stream_id), "1", ex=60)
     events = stream.read_all()
     assert events[-1]["data"]["reason"] == "cancelled"
     assert simulator.record(tag, timeout=1)["state"] == "client_closed"
@@ -129,9 +130,9 @@ def test_cancel_flag_alone_stops_a_stream_when_pubsub_lost_the_message(
 def test_registry_entry_records_the_end(sluice, redis_client):
     stream = EventStream(sluice.base, PATH, {"prompt": "short sim:tokens=3"})
     stream.read_all()
-    entry = redis_client.hgetall(f"sluice:stream:{stream.stream_id}")
+    entry = redis_client.hgetall(keys.registry(stream.stream_id))
     assert entry[b"state"] == b"finished" and entry[b"reason"] == b"stop"
-    assert 0 < redis_client.ttl(f"sluice:stream:{stream.stream_id}") <= 300
+    assert 0 < redis_client.ttl(keys.registry(stream.stream_id)) <= 300
 
 
 def blocked_clients(redis_client, pids: list[int]) -> list[str]:

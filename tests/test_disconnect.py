@@ -7,6 +7,7 @@ import time
 import pytest
 
 from devtools.harness import wait_for
+from streaming.core import keys
 from tests.sse_client import EventStream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -15,7 +16,7 @@ PATH = "/api/v1/completions/stream"
 
 
 def _registry_reason(redis_client, stream_id):
-    return redis_client.hget(f"sluice:stream:{stream_id}", "reason")
+    return redis_client.hget(keys.registry(stream_id), "reason")
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from devtools.harness import RedisServer, Sluice, free_port, wait_for
+from streaming.core import keys
 from tests.sse_client import EventStream, request
 
 pytestmark = [pytest.mark.integration, pytest.mark.drill, pytest.mark.timeout(120)]
@@ -49,6 +50,7 @@ def own_sluice(simulator):
                 "HEARTBEAT_SECONDS": "1",
                 "DISCONNECT_GRACE_SECONDS": "0",
                 "UPSTREAM_TIMEOUT_SECONDS": "5",
+                "UPSTREAM_HEAD_TIMEOUT_SECONDS": "5",
                 **env,
             },
             workers=workers,
@@ -110,7 +112,7 @@ def test_redis_restarted_mid_stream(own_redis, own_sluice, simulator, tag):
 
     client = redis.Redis.from_url(restarted.url)
     # the owning worker registers its live stream again within a tick
-    wait_for(lambda: client.exists(f"sluice:stream:{stream.stream_id}"), 10, "re-registered")
+    wait_for(lambda: client.exists(keys.registry(stream.stream_id)), 10, "re-registered")
     status, _, body = request(server.base, "DELETE", f"{PATH}/{stream.stream_id}")
     assert (status, body["status"]) == (200, "cancelled")
     events = stream.read_all()
@@ -129,7 +131,7 @@ def test_cancel_flag_covers_a_publish_lost_while_redis_was_away(own_redis, own_s
     import redis
 
     client = redis.Redis.from_url(restarted.url)
-    client.set(f"sluice:cancel:{stream.stream_id}", "1", ex=60)  # no PUBLISH reaches anyone
+    client.set(keys.cancel_flag(stream.stream_id), "1", ex=60)  # no PUBLISH reaches anyone
     assert stream.read_all()[-1]["data"]["reason"] == "cancelled"
     client.close()
 
@@ -185,9 +187,9 @@ def test_upstream_failures_release_slots_and_sockets(sluice, simulator, redis_cl
         ).read_all()
         assert [e["event"] for e in events][-2:] == ["error", "done"]
         assert simulator.record(f"{tag}-{i}", timeout=2)["state"] != "open"
-        entry = redis_client.hgetall(f"sluice:stream:{events[0]['data']['stream_id']}")
+        entry = redis_client.hgetall(keys.registry(events[0]["data"]["stream_id"]))
         assert entry[b"state"] == b"finished"
-        slots = redis_client.zrange(f"sluice:slots:{entry[b'client'].decode()}", 0, -1)
+        slots = redis_client.zrange(keys.slots(entry[b"client"].decode()), 0, -1)
         assert events[0]["data"]["stream_id"].encode() not in slots
 
 
@@ -195,9 +197,9 @@ def test_worker_sigkill_mid_stream(make_sluice, redis_client, simulator, tag):
     server = make_sluice(workers=2)
     stream = EventStream(server.base, PATH, {"prompt": f"{LONG} sim:tag={tag}"})
     stream.until("token")
-    entry = redis_client.hgetall(f"sluice:stream:{stream.stream_id}")
+    entry = redis_client.hgetall(keys.registry(stream.stream_id))
     owner = int(entry[b"worker"].decode().split(":")[1])
-    assert 0 < redis_client.ttl(f"sluice:stream:{stream.stream_id}") <= 20
+    assert 0 < redis_client.ttl(keys.registry(stream.stream_id)) <= 20
     os.kill(owner, signal.SIGKILL)
     events = stream.read_all()  # the connection ends with the worker
     assert stream.broken and events[-1]["event"] != "done"
@@ -207,8 +209,8 @@ def test_worker_sigkill_mid_stream(make_sluice, redis_client, simulator, tag):
     assert (status, body["status"]) == (200, "finished")
     assert time.monotonic() - started < 10
     client = entry[b"client"].decode()
-    assert stream.stream_id.encode() not in redis_client.zrange(f"sluice:slots:{client}", 0, -1)
-    assert redis_client.hget(f"sluice:stream:{stream.stream_id}", "state") == b"finished"
+    assert stream.stream_id.encode() not in redis_client.zrange(keys.slots(client), 0, -1)
+    assert redis_client.hget(keys.registry(stream.stream_id), "state") == b"finished"
 
 
 def test_a_client_that_stops_reading_is_dropped_and_delays_nobody(make_sluice, simulator, tag):

@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from devtools.harness import wait_for
+from streaming.core import keys
 from tests.sse_client import EventStream, request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -187,7 +188,7 @@ def test_delete_cancels_a_non_streaming_call_with_499(client, sluice, redis_clie
             messages=user(f"long sim:tokens=5000 sim:rate=30 sim:tag={tag}"),
             extra_headers={"X-Session-ID": session_id},
         )
-        live = wait_for(lambda: redis_client.get(f"sluice:session:{session_id}:live"))
+        live = wait_for(lambda: redis_client.get(keys.session(session_id, ":live")))
         stream_id = live.decode()
         status, _, body = request(sluice.base, "DELETE", f"{CANCEL}/{stream_id}")
         assert (status, body["status"]) == (200, "cancelled")
@@ -382,7 +383,7 @@ def test_rate_limits_and_concurrency(make_sluice, fresh_limits, redis_client):
         assert info.value.code == "too_many_streams"
         assert int(info.value.response.headers["retry-after"]) >= 1
         stream.close()
-        wait_for(lambda: not redis_client.zcard("sluice:slots:127.0.0.1"), what="slot release")
+        wait_for(lambda: not redis_client.zcard(keys.slots("127.0.0.1")), what="slot release")
         c.chat.completions.create(model="gpt-4o-mini", messages=user("x sim:tokens=1"))
         with pytest.raises(openai.RateLimitError) as info:
             c.chat.completions.create(model="gpt-4o-mini", messages=user("x"))

@@ -12,6 +12,7 @@ import signal
 import pytest
 
 from devtools.harness import wait_for
+from streaming.core import keys
 from tests.sse_client import EventStream, request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -20,7 +21,7 @@ PATH = "/api/v1/completions/stream"
 
 
 def owner_pid(redis_client, stream_id: str) -> int:
-    worker = redis_client.hget(f"sluice:stream:{stream_id}", "worker").decode()
+    worker = redis_client.hget(keys.registry(stream_id), "worker").decode()
     return int(worker.split(":")[1])
 
 

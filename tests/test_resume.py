@@ -6,6 +6,7 @@ import psutil
 import pytest
 
 from devtools.harness import wait_for
+from streaming.core import keys
 from streaming.redis_conn import MAX_CONNECTIONS
 from tests.sse_client import EventStream, request
 
@@ -89,7 +90,7 @@ def test_finished_stream_replays_then_expires_into_404(pair, redis_client):
         headers={"Last-Event-ID": original[-3]["id"]},
     ).read_all()
     assert [e["id"] for e in tail] == [e["id"] for e in original[-2:]]
-    redis_client.delete(f"sluice:stream:{done.stream_id}", f"sluice:events:{done.stream_id}")
+    redis_client.delete(keys.registry(done.stream_id), keys.events(done.stream_id))
     assert request(b.base, "GET", f"{STREAM}/{done.stream_id}")[0] == 404
 
 
@@ -139,7 +140,7 @@ def test_detached_start_nobody_attaches_is_cancelled_after_grace(
     record = simulator.record(tag, timeout=10)
     assert record["state"] == "client_closed"
     # the upstream is closed first in the generation's `finally`; the registry is marked after
-    key = f"sluice:stream:{out['stream_id']}"
+    key = keys.registry(out["stream_id"])
     entry = wait_for(
         lambda: (e := redis_client.hgetall(key)).get(b"state") == b"finished" and e,
         5,

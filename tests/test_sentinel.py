@@ -8,6 +8,7 @@ import pytest
 
 from config.devservices import redis_server_binary
 from devtools.harness import RedisServer, Sluice, free_port, wait_for
+from streaming.core import keys
 from tests.sse_client import EventStream, request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -64,7 +65,7 @@ def test_streams_and_cross_worker_cancel_through_sentinel(sentinel_url, simulato
 
         direct = redis.Redis(port=master.port)
         wait_for(
-            lambda: direct.hget(f"sluice:stream:{stream.stream_id}", "state") == b"finished",
+            lambda: direct.hget(keys.registry(stream.stream_id), "state") == b"finished",
             5,
             "the registry lives on the master",
         )

@@ -6,6 +6,7 @@ import signal
 
 import pytest
 
+from streaming.core import keys
 from tests.sse_client import EventStream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -37,6 +38,6 @@ def test_sigterm_lets_short_streams_finish_and_interrupts_long_ones(
     assert long_events[-2]["data"]["error"]["code"] == "interrupted"
     assert long_events[-1]["data"]["reason"] == "error"
     assert simulator.record(f"{tag}-l", timeout=2)["state"] == "client_closed"
-    entry = redis_client.hgetall(f"sluice:stream:{long.stream_id}")
+    entry = redis_client.hgetall(keys.registry(long.stream_id))
     assert entry[b"state"] == b"finished"
     assert server.proc.wait(15) == 0

@@ -1,7 +1,8 @@
 """Unit: the stream registry (`streaming.core.registry`) on the real redis-server.
 
-Admission is one script: the client's concurrency slot, the session's live
-lease and the registry entry, all or nothing; a refusal is a domain error
+Admission is one round trip of single-slot steps: the client's concurrency slot,
+the session's live lease and the registry entry; a refusal undoes the others
+(nothing is left behind) and is a domain error
 (`streaming.core.exceptions`), never an HTTP status. No gevent, no upstream: the
 registry is plain Redis calls. (The event log has tests/test_eventlog.py.)
 """
@@ -211,3 +212,19 @@ def test_bury_ends_a_dead_workers_stream_and_frees_its_slot_and_lease(registry, 
     assert slot_members(app_redis, "10.0.0.1") == set()
     assert not app_redis.exists(SessionStore.live_key(session_id))
     registry.admit(request(session_id=session_id), time.time())  # the session is free again
+
+
+def test_a_step_that_fails_undoes_the_others(registry, app_redis):
+    """Admission is single-slot steps (Redis Cluster): when one fails (here the entry's
+    key holds a list: WRONGTYPE), the slot and the lease the others took are given back."""
+    import redis
+
+    session_id = "se_" + "e" * 32
+    req = request(session_id=session_id)
+    app_redis.rpush(keys.registry(req.stream_id), "not a hash")
+    with pytest.raises(redis.ResponseError):
+        registry.admit(req, time.time())
+    assert slot_members(app_redis, "10.0.0.1") == set()
+    assert not app_redis.exists(SessionStore.live_key(session_id))
+    assert not app_redis.exists(keys.registry(req.stream_id))
+    registry.admit(request(session_id=session_id), time.time())  # all free again

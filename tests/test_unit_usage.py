@@ -131,7 +131,7 @@ def test_a_finished_generation_adds_its_done_usage(make_manager, upstream, app_r
     assert gen.ended.wait(WAIT)
     assert counters(app_redis) == {"prompt_tokens": 7, "completion_tokens": 2, "generations": 1}
     assert 0 < app_redis.ttl(usage_key()) <= USAGE_TTL
-    assert app_redis.hget(keys.registry(gen.stream_id), "counted") == b"1"
+    assert app_redis.get(keys.counted(CLIENT, gen.stream_id)) == b"1"
 
 
 def test_the_final_pipeline_run_twice_counts_once(make_manager, upstream, app_redis):

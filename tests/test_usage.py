@@ -317,6 +317,6 @@ def test_a_delete_racing_the_end_never_counts_twice(budgeted, client, redis_clie
     got = counted(budgeted, client, n)
     assert (got["prompt_tokens"], got["completion_tokens"]) == totals(dones)
     for sid in ids:
-        assert redis_client.hget(keys.registry(sid), "counted") == b"1"
+        assert redis_client.get(keys.counted(client["X-Forwarded-For"], sid)) == b"1"
     # both outcomes happen in practice; the count is right either way
     assert set(statuses) <= {"cancelled", "finished"}

@@ -1,10 +1,11 @@
 """The Redis event log of each stream, for followers on other workers and for replay.
 
-``sluice:events:S`` is a Redis stream with one entry per flushed batch of SSE
-frames: entry id ``0-<last seq in the batch>``, fields ``f`` (first seq) and
-``d`` (the frames, each ending in a blank line). Live followers on the
-generation's own worker never read it: they are fed in-process; followers on
-other workers read it through the worker's one `streaming.core.logreader.LogReader`.
+``sluice:events:{T}S`` (T: the stream's shard tag, `streaming.core.keys`) is a
+Redis stream with one entry per flushed batch of SSE frames: entry id
+``0-<last seq in the batch>``, fields ``f`` (first seq) and ``d`` (the frames,
+each ending in a blank line). Live followers on the generation's own worker
+never read it: they are fed in-process; followers on other workers read it
+through the worker's one `streaming.core.logreader.LogReader`.
 
 Appends are batched: a generation only marks itself dirty; one flusher
 greenlet per worker writes every dirty stream's new frames every
@@ -32,6 +33,7 @@ out) is rewritten from the generation's frames the same way.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -82,7 +84,7 @@ class EventLog:
         self.redis = redis_client
         self.worker_id = worker_id
         self.live_ttl = live_ttl
-        self._script = redis_client.register_script(_APPEND)
+        self._script_sha = hashlib.sha1(_APPEND.encode()).hexdigest()
         self._loaded = False  # the script is in Redis (loaded again after a NOSCRIPT)
         self._dirty: dict[str, Generation] = {}
 
@@ -108,8 +110,9 @@ class EventLog:
         at = len(pipe)
         # EVALSHA without the pipeline's per-execute SCRIPT EXISTS round trip; a Redis
         # that lost its scripts answers NOSCRIPT, and `settle` loads it for the retry.
-        pipe.evalsha(
-            self._script.sha,
+        pipe.execute_command(  # (a cluster pipeline refuses its evalsha method)
+            "EVALSHA",
+            self._script_sha,
             1,
             keys.events(gen.stream_id),
             first,
@@ -142,7 +145,7 @@ class EventLog:
 
     def _load(self) -> None:
         try:
-            self.redis.script_load(_APPEND)
+            self.redis.script_load(_APPEND)  # on every master of a cluster
         except redis.RedisError as exc:  # the append fails too, and is retried
             logger.warning("event log script load failed: %s", exc)
         else:

@@ -23,9 +23,17 @@ follows a local generation: they are woken in-process, never touch Redis.
 - Redis away: the reader retries with a backoff; followers keep their
   heartbeats, and go on where they were once Redis answers.
 
-Redis connections per worker: the reader's one, plus the cancel listener's
-one, plus the pool's short commands, all from the app's bounded pool
-(`streaming.redis_conn`), whatever the number of followers.
+On a Redis Cluster XREAD's keys must share a slot: a stream's keys carry its
+shard's tag (`streaming.core.keys`), and the worker runs one reader per shard
+that it follows streams of (at most `streaming.core.keys.SHARDS`), each with
+one connection to the master serving that shard, learnt again after an error
+(a failover: the connection drops and the slot map is refreshed). Elsewhere
+one reader serves every stream, as every key is on the one server.
+
+Redis connections per worker: the readers' (one; on a cluster one per shard
+followed, at most 16), plus the cancel listener's, plus the pool's short
+commands, all from the app's bounded pool (`streaming.redis_conn`), whatever
+the number of followers.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import redis
 
 from streaming.core import keys
 from streaming.core.eventlog import EventLog, frames_after
+from streaming.redis_conn import dedicated, is_cluster, node_client, refresh
 from streaming.sse import is_done_frame
 
 __all__ = ["LogReader", "RemoteStream"]
@@ -60,7 +69,7 @@ class RemoteStream:
 
     __slots__ = ("stream_id", "frames", "base", "done", "waiters", "attached", "_reader")
 
-    def __init__(self, reader: LogReader, stream_id: str):
+    def __init__(self, reader: ShardReader, stream_id: str):
         self.stream_id = stream_id
         self.frames: list[bytes] = []
         self.base = 0  # seqs before the first frame held (a log trimmed at its start)
@@ -105,11 +114,40 @@ class RemoteStream:
 
 
 class LogReader:
-    """One per worker process (the `StreamManager`'s): follows the logs of every watched stream."""
+    """One per worker process (the `StreamManager`'s): follows the logs of every watched
+    stream, with one `ShardReader` per shard on a cluster, one in all elsewhere."""
 
     def __init__(self, redis_client: redis.Redis, log: EventLog):
         self.redis = redis_client
         self.log = log
+        self.readers: dict[int, ShardReader] = {}
+
+    @property
+    def streams(self) -> dict[str, RemoteStream]:
+        return {sid: s for reader in self.readers.values() for sid, s in reader.streams.items()}
+
+    def follow(self, stream_id: str) -> RemoteStream:
+        """The stream's shared state here (attach a follower to it); read from now on."""
+        group = keys.shard(stream_id) if is_cluster(self.redis) else 0
+        reader = self.readers.get(group)
+        if reader is None:
+            reader = self.readers[group] = ShardReader(self.redis, self.log, stream_id)
+        return reader.follow(stream_id)
+
+    def close(self) -> None:
+        """Worker shutdown: stop reading (followers end with their connections)."""
+        for reader in self.readers.values():
+            reader.close()
+
+
+class ShardReader:
+    """The reader of one shard's logs (of every log off a cluster): one greenlet, one
+    connection, one ``XREAD`` on all of them."""
+
+    def __init__(self, redis_client: redis.Redis, log: EventLog, sample_id: str):
+        self.redis = redis_client
+        self.log = log
+        self._route = keys.events(sample_id)  # any log of the shard: where to connect
         self.streams: dict[str, RemoteStream] = {}
         self._fresh = False  # streams added since the last read began
         self._blocked = False  # an XREAD BLOCK is on the wire
@@ -146,8 +184,8 @@ class LogReader:
 
     def _unblock(self) -> None:
         self._unblocking = True
-        try:
-            self.redis.client_unblock(self._client_id)
+        try:  # on the node our reader is connected to
+            node_client(self.redis, self._route).client_unblock(self._client_id)
         except redis.RedisError as exc:  # the read ends by itself within BLOCK_MS
             logger.debug("log reader unblock failed: %s", exc)
         finally:
@@ -161,10 +199,8 @@ class LogReader:
         while True:
             try:
                 if self._conn is None:
-                    # One connection of the app's pool, held by this reader alone.
-                    self._conn = redis.Redis(
-                        connection_pool=self.redis.connection_pool, single_connection_client=True
-                    )
+                    # One connection of the app's pool (the shard's master's), ours alone.
+                    self._conn = dedicated(self.redis, self._route)
                     self._client_id = self._conn.client_id()
                 while True:
                     if not self.streams:
@@ -181,7 +217,11 @@ class LogReader:
                 self._blocked = False
                 self._drop_connection()
                 gevent.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 2.0)
+                try:
+                    refresh(self.redis)  # on a cluster: a failover may have moved the shard
+                except redis.RedisError as err:
+                    logger.debug("slot map refresh failed: %s", err)
 
     def _drop_connection(self) -> None:
         conn, self._conn, self._client_id = self._conn, None, None

@@ -6,12 +6,19 @@ the stream runs its TTL is `LIVE_TTL`, renewed every tick by the owning
 worker (`streaming.core.upkeep`), so a crashed worker's entries expire on their
 own; once finished it is kept for ``STREAM_RETENTION_SECONDS``.
 
-Admission is one round trip: a script reads what is left of the client's daily
-token budget when there is one (`streaming.core.usage`), takes the client's
-concurrency slot (`streaming.core.slots`), the session's live lease when the
-stream continues a session (`streaming.core.sessions`), and writes the entry,
-all or nothing. It is composed of those modules' own Lua functions, so each
-keeps its layout. What is left of the budget comes back with the answer, and
+Admission is one round trip (one pipeline) of three steps, each on the keys
+of one owner of them, so each is single-slot on a Redis Cluster
+(`streaming.core.keys`): the client's step, one script that reads what is left
+of its daily token budget when there is one (`streaming.core.usage`) and takes
+its concurrency slot (`streaming.core.slots`); the session's live lease when the
+stream continues a session (`streaming.core.sessions`); and the stream's entry.
+The steps are not one transaction: when one refuses or fails, the others that
+succeeded are undone at once (`_undo`), and whatever an undo could not reach
+expires by itself (the slot is a lease of `LIVE_TTL`, the session lease and the
+entry have that TTL). Nobody else can see a refused stream's entry meanwhile:
+its id was never given out. (Two starts racing for a client's last slot may
+see a refused one's slot for that moment: the cost of not being one script.)
+What is left of the budget comes back with the answer, and
 `StreamManager.start` lowers the request's token caps to it.
 
 Dead workers. Only Redis's own expiry is trusted, never another host's
@@ -30,9 +37,10 @@ import redis
 from streaming.core import keys
 from streaming.core.exceptions import BudgetExhausted, SessionBusy, TooManyStreams
 from streaming.core.generation import GenerationRequest
-from streaming.core.sessions import TAKE_LEASE_LUA, SessionStore
+from streaming.core.sessions import SessionStore
 from streaming.core.slots import SLOT_LUA, Slots
 from streaming.core.usage import BUDGET_LUA, Usage, resets_at
+from streaming.redis_conn import script
 
 __all__ = ["LIVE_TTL", "TICK", "WORKER_TTL", "Registry"]
 
@@ -42,26 +50,21 @@ TICK = 2.0  # the owning worker renews its entries this often
 LIVE_TTL = 20
 WORKER_TTL = 6  # three missed ticks
 
-# KEYS: slots, registry entry, session lease ("" for none), today's usage ("" for no budget).
-# ARGV: now, slot expiry, slot limit, stream id, slots key TTL, LIVE_TTL, daily budget,
-#       field, value, ...
-# Returns {status, left}: status 1 (admitted), 0 (no free slot), -1 (the session is
-# generating already) or -2 (no budget left today); left: the budget left (-1: no budget).
-_ADMIT = (
+# The client's step. KEYS: slots, today's usage (only with a budget).
+# ARGV: now, slot expiry, slot limit, stream id, slots key TTL, daily budget.
+# Returns {status, left}: status 1 (slot taken), 0 (no free slot) or -2 (no budget
+# left today); left: the budget left (-1: no budget).
+_TAKE_SLOT = (
     BUDGET_LUA
     + SLOT_LUA
-    + TAKE_LEASE_LUA
     + """
 local left = -1
-if KEYS[4] ~= '' then
-  left = budget_left(KEYS[4], ARGV[7])
+if KEYS[2] then
+  left = budget_left(KEYS[2], ARGV[6])
   if left <= 0 then return {-2, 0} end
 end
 if not slot_free(KEYS[1], ARGV[1], ARGV[3]) then return {0, left} end
-if KEYS[3] ~= '' and not take_lease(KEYS[3], ARGV[4], ARGV[6]) then return {-1, left} end
 add_slot(KEYS[1], ARGV[2], ARGV[4], ARGV[5])
-redis.call('HSET', KEYS[2], unpack(ARGV, 8))
-redis.call('EXPIRE', KEYS[2], ARGV[6])
 return {1, left}
 """
 )
@@ -94,8 +97,6 @@ class Registry:
         self.sessions = sessions
         self.retention = retention
         self.usage = usage if usage is not None else Usage(redis_client, None)
-        self._admit = redis_client.register_script(_ADMIT)
-        self._register_missing = redis_client.register_script(_REGISTER_MISSING)
 
     def fields(self, request: GenerationRequest, created: float) -> dict[str, str]:
         return {
@@ -109,45 +110,69 @@ class Registry:
         }
 
     def admit(self, request: GenerationRequest, now: float) -> int | None:
-        """Budget, slot, session lease and entry in one round trip.
+        """Budget and slot, session lease, entry: one round trip (see the module).
 
         Returns the client's token budget left today (None: no budget); a
-        refusal raises its domain error and writes nothing.
+        refusal raises its domain error and leaves nothing behind.
         """
         slots = self.slots
         budget = self.usage.budget
-        session_key = self.sessions.live_key(request.session_id) if request.session_id else ""
-        usage_key = self.usage.key(request.client, now) if budget is not None else ""
-        args = [now, now + slots.lease, slots.limit, request.stream_id, slots.lease * 2, LIVE_TTL]
+        slot_keys = [slots.key(request.client)]
+        if budget is not None:
+            slot_keys.append(self.usage.key(request.client, now))
+        args = [now, now + slots.lease, slots.limit, request.stream_id, slots.lease * 2]
         args.append(budget if budget is not None else 0)
-        admitted, left = self._admit(
-            keys=[
-                slots.key(request.client),
-                keys.registry(request.stream_id),
-                session_key,
-                usage_key,
-            ],
-            args=args + _flat(self.fields(request, now)),
-        )
-        if admitted == -2:
+        entry = keys.registry(request.stream_id)
+        pipe = self.redis.pipeline(transaction=False)
+        script(pipe, _TAKE_SLOT, slot_keys, args)
+        lease_key = None
+        if request.session_id:
+            lease_key = self.sessions.live_key(request.session_id)
+            pipe.set(lease_key, request.stream_id, nx=True, ex=LIVE_TTL)
+        pipe.hset(entry, mapping=self.fields(request, now))
+        pipe.expire(entry, LIVE_TTL)
+        replies = pipe.execute(raise_on_error=False)
+        taken = replies[0]
+        leased = replies[1] if lease_key else True
+        failed = [r for r in replies if isinstance(r, Exception)]
+        admitted = isinstance(taken, list) and taken[0] == 1
+        if failed or not admitted or leased is not True:
+            self._undo(request, admitted, lease_key if leased is True else None)
+        if failed:
+            raise failed[0]
+        status, left = taken
+        if status == -2:
             raise BudgetExhausted(
                 f"The daily budget of {budget} tokens is used up; it resets at 00:00 UTC.",
                 resets_at(now),
             )
-        if admitted == 0:
+        if status == 0:
             raise TooManyStreams(
                 f"At most {slots.limit} live streams per client; wait for one to end."
             )
-        if admitted == -1:
+        if not leased:
             raise SessionBusy("This session is already generating an answer.")
         return left if budget is not None else None
+
+    def _undo(self, request: GenerationRequest, slot: bool, lease_key: str | None) -> None:
+        """A refused or failed admission: give back what its other steps took."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(keys.registry(request.stream_id))
+        if slot:
+            self.slots.release(pipe, request.client, request.stream_id)
+        if lease_key:
+            self.sessions.release_if_held(pipe, request.session_id, request.stream_id)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:  # what stays behind expires within LIVE_TTL
+            logger.warning("stream %s: admission undo failed: %s", request.stream_id, exc)
 
     def register_if_missing(
         self, pipe: redis.client.Pipeline, request: GenerationRequest, created: float
     ) -> None:
         """Write an entry a restarted Redis lost (never one its stream just marked finished)."""
         args = [LIVE_TTL, *_flat(self.fields(request, created))]
-        self._register_missing(keys=[keys.registry(request.stream_id)], args=args, client=pipe)
+        script(pipe, _REGISTER_MISSING, [keys.registry(request.stream_id)], args)
 
     def info(self, stream_id: str, owner: str) -> dict[str, str] | None:
         """The entry, or None when unknown, expired or owned by someone else."""

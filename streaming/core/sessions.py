@@ -1,11 +1,13 @@
 """Chat sessions in Redis: a title, an owner and the message history.
 
-Keys, for session id S: ``session:S`` (hash: owner, title, created),
-``session:S:messages`` (list of JSON messages, oldest first, trimmed to
-``SESSION_MAX_MESSAGES``), ``session:S:live`` (the stream id generating in
-it now), and ``sessions:<owner>`` (sorted set, listing in authenticated
-mode). Every use refreshes the TTL (``SESSION_TTL_SECONDS``), so idle
-sessions expire and active ones survive restarts of every worker.
+Keys, for session id S (all three tagged ``{S}``: one Redis Cluster slot):
+``session:{S}`` (hash: owner, title, created), ``session:{S}:messages`` (list
+of JSON messages, oldest first, trimmed to ``SESSION_MAX_MESSAGES``),
+``session:{S}:live`` (the stream id generating in it now), and
+``sessions:<owner>`` (sorted set, listing in authenticated mode; written as a
+second step: a session whose listing failed expires unlisted). Every use
+refreshes the TTL (``SESSION_TTL_SECONDS``), so idle sessions expire and
+active ones survive restarts of every worker.
 
 One stream at a time per session: a second stream on a session with a live
 one gets 409 ``session_busy`` (two answers written into one history at once
@@ -24,22 +26,14 @@ import time
 import redis
 
 from streaming.core import keys
+from streaming.redis_conn import script
 
-__all__ = ["TAKE_LEASE_LUA", "SessionStore", "new_session_id", "valid_session_id"]
+__all__ = ["SessionStore", "new_session_id", "valid_session_id"]
 
 _HEX = frozenset("0123456789abcdef")
 _RELEASE_IF_HELD = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-"""
-
-
-# Taking the session's live lease, as a Lua function for the admission script
-# (`streaming.core.registry`): a string key holding the generating stream's id.
-TAKE_LEASE_LUA = """
-local function take_lease(key, stream_id, ttl)
-  return redis.call('SET', key, stream_id, 'NX', 'EX', ttl) ~= false
-end
 """
 
 
@@ -54,17 +48,20 @@ def valid_session_id(session_id: str) -> bool:
 class SessionStore:
     def __init__(self, redis_client: redis.Redis, ttl: int, max_messages: int):
         self.redis = redis_client
-        self._release_if_held = redis_client.register_script(_RELEASE_IF_HELD)
         self.ttl = ttl
         self.max_messages = max_messages
 
     def create(self, owner: str, title: str) -> dict:
         session_id, created = new_session_id(), int(time.time())
-        pipe = self.redis.pipeline(transaction=True)
+        # Two slots (the session's, the owner's list): the session first; when the
+        # listing fails the 503 never gave its id out, and it expires unlisted.
+        pipe = self.redis.pipeline(transaction=False)
         pipe.hset(
             keys.session(session_id), mapping={"owner": owner, "title": title, "created": created}
         )
         pipe.expire(keys.session(session_id), self.ttl)
+        pipe.execute()
+        pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(keys.sessions(owner), {session_id: created})
         pipe.expire(keys.sessions(owner), self.ttl)
         pipe.execute()
@@ -102,10 +99,10 @@ class SessionStore:
     def delete(self, session_id: str, owner: str) -> bool:
         if self.meta(session_id, owner) is None:
             return False
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(keys.session(session_id), keys.session(session_id, ":messages"))
-        pipe.zrem(keys.sessions(owner), session_id)
-        pipe.execute()
+        # The history goes first (one slot); a listing left behind by a failed ZREM
+        # is skipped by `list` (its session is gone) and expires.
+        self.redis.delete(keys.session(session_id), keys.session(session_id, ":messages"))
+        self.redis.zrem(keys.sessions(owner), session_id)
         return True
 
     def list(self, owner: str) -> list[dict]:
@@ -147,7 +144,7 @@ class SessionStore:
 
     def release_if_held(self, pipe: redis.client.Pipeline, session_id: str, stream_id: str):
         """Drop the live marker only if this stream still holds it."""
-        self._release_if_held(keys=[self.live_key(session_id)], args=[stream_id], client=pipe)
+        script(pipe, _RELEASE_IF_HELD, [self.live_key(session_id)], [stream_id])
 
     def _touch(self, session_id: str) -> None:
         pipe = self.redis.pipeline(transaction=False)

@@ -1,9 +1,10 @@
 """Concurrency slots: at most ``MAX_CONCURRENT_STREAMS`` live generations per client.
 
-A sorted set ``sluice:slots:<client>`` per client (IP, or key in authenticated
+A sorted set ``sluice:slots:{c:<client>}`` per client (IP, or key in authenticated
 mode), member = stream id, score = lease expiry. A slot is taken atomically
-before a stream starts, by the admission script of `streaming.core.manager` (slot,
-session lease and registry entry in one round trip), renewed by the owning
+before a stream starts, by the client's script of the admission in
+`streaming.core.registry` (budget and slot; then session lease and registry
+entry, in the same round trip), renewed by the owning
 worker's tick, and released in the generation's ``finally``; a killed worker's leases simply
 expire, so slots never leak. Counted in Redis: every worker and host agrees.
 """

@@ -12,12 +12,13 @@ Flows (docs/FLOWS.md, "Usage and budgets"):
   (`StreamManager.finished`, run once from the generation's single ``finally``),
   adds the usage its ``done`` event carries (the upstream's, or the estimate
   flagged ``estimated: true``) to the day the generation ended. It is one
-  script that first sets ``counted`` on the stream's registry entry with
-  HSETNX and adds only if that field was new: a stream is counted at most
+  script that first sets the stream's mark ``counted:{c:C}:S`` with SET NX
+  (in the client's slot, beside the counters: one slot on a Redis Cluster;
+  kept `COUNTED_TTL`) and adds only if the mark was new: a stream is counted at most
   once whatever reaches the final pipeline twice (a pipeline that redis-py
   sends again after a lost reply, a cancel racing the normal end). It is sent
-  with EVAL, not EVALSHA, so a Redis that restarted and lost its scripts
-  still counts.
+  with EVAL, not EVALSHA, so a Redis that restarted (or a promoted replica)
+  without its scripts still counts.
 - check: `BUDGET_LUA` is the budget's fragment of the admission script
   (`streaming.core.registry`): the start's one round trip also reads what is
   left today; nothing left refuses the start (`BudgetExhausted`, with the
@@ -42,6 +43,7 @@ import redis
 
 from streaming.core import keys
 from streaming.core.generation import GenerationRequest
+from streaming.redis_conn import script
 
 __all__ = [
     "BUDGET_LUA",
@@ -54,6 +56,9 @@ __all__ = [
 ]
 
 USAGE_TTL = 4 * 86400
+# How long a stream's `counted` mark is kept: far longer than anything that can send
+# its final pipeline again (a resent pipeline, a cancel racing the end: seconds).
+COUNTED_TTL = 3600
 DAY = 86400
 # The token caps a request may carry; `cap` lowers each one present.
 CAP_FIELDS = ("max_tokens", "max_completion_tokens")
@@ -67,11 +72,11 @@ local function budget_left(key, limit)
 end
 """
 
-# KEYS: the day's usage hash, the stream's registry entry (its `counted` mark).
-# ARGV: prompt tokens, completion tokens, estimated (0/1), the hash's TTL.
+# KEYS: the day's usage hash, the stream's `counted` mark (both in the client's slot).
+# ARGV: prompt tokens, completion tokens, estimated (0/1), the hash's TTL, the mark's TTL.
 # Returns 1 (counted) or 0 (this stream was counted already).
 _COUNT = """
-if redis.call('HSETNX', KEYS[2], 'counted', '1') == 0 then return 0 end
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[5]) then return 0 end
 redis.call('HINCRBY', KEYS[1], 'prompt_tokens', ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'completion_tokens', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'generations', 1)
@@ -130,15 +135,17 @@ class Usage:
         now: float,
     ) -> None:
         """Queue the generation's usage (its ``done`` event's) for its day, at most once."""
-        pipe.eval(
+        script(
+            pipe,
             _COUNT,
-            2,
-            self.key(client, now),
-            keys.registry(stream_id),
-            int(usage.get("prompt_tokens") or 0),
-            int(usage.get("completion_tokens") or 0),
-            1 if usage.get("estimated") else 0,
-            self.ttl,
+            [self.key(client, now), keys.counted(client, stream_id)],
+            [
+                int(usage.get("prompt_tokens") or 0),
+                int(usage.get("completion_tokens") or 0),
+                1 if usage.get("estimated") else 0,
+                self.ttl,
+                COUNTED_TTL,
+            ],
         )
 
     def read(self, client: str, now: float) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from flask import Flask, Response, request
 from flask_limiter import Limiter, RateLimitExceeded
 
 from streaming import metrics
+from streaming.redis_conn import limiter_storage
 from streaming.web.context import caller, presented_credential, sluice
 from streaming.web.errors import error_response
 
@@ -106,11 +107,16 @@ auth_failure_limit = limiter.shared_limit(
 
 
 def init_limits(app: Flask, redis_client: redis.Redis) -> None:
-    app.config["RATELIMIT_STORAGE_URI"] = "redis://"
-    app.config["RATELIMIT_STORAGE_OPTIONS"] = {
-        "connection_pool": redis_client.connection_pool,
-        "key_prefix": "sluice:rl",
-    }
+    cluster = limiter_storage(redis_client, app.extensions["sluice"].settings.redis_url or "")
+    if cluster is not None:  # Redis Cluster: limits' own redis+cluster:// storage
+        app.config["RATELIMIT_STORAGE_URI"] = cluster[0]
+        app.config["RATELIMIT_STORAGE_OPTIONS"] = {**cluster[1], "key_prefix": "sluice:rl"}
+    else:
+        app.config["RATELIMIT_STORAGE_URI"] = "redis://"
+        app.config["RATELIMIT_STORAGE_OPTIONS"] = {
+            "connection_pool": redis_client.connection_pool,
+            "key_prefix": "sluice:rl",
+        }
     limiter.init_app(app)
     app.register_error_handler(RateLimitExceeded, _refused)
 
