@@ -9,6 +9,7 @@ response is closed before the next upstream is asked.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import subprocess
 import time
@@ -163,6 +164,15 @@ def test_head_timeout_never_above_the_upstream_timeout():
     assert load_settings({}).upstream_head_timeout == 10
     with pytest.raises(SettingsError, match="UPSTREAM_HEAD_TIMEOUT_SECONDS"):
         load_settings({"UPSTREAM_TIMEOUT_SECONDS": "3", "UPSTREAM_HEAD_TIMEOUT_SECONDS": "5"})
+
+
+def test_allowed_models_no_upstream_serves_are_said_at_startup(tmp_path, app_redis, caplog):
+    s = settings_with(tmp_path, BACKUP, ALLOWED_MODELS="gpt-4o-mini,gpt-4o")
+    assert s.models == ("gpt-4o-mini",)
+    with caplog.at_level(logging.WARNING, logger="streaming.upstream.routing"):
+        Router.from_settings(s, app_redis, RedisGate())
+    (record,) = [r for r in caplog.records if "ALLOWED_MODELS" in r.getMessage()]
+    assert record.models == ["gpt-4o"]
 
 
 # -- the breaker ----------------------------------------------------------------------

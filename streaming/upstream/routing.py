@@ -84,6 +84,13 @@ class Router:
             spec = default_upstream(settings.openai_base_url, settings.openai_api_key)
             client = Upstream(spec.base_url, spec.api_key, timeout)
             return cls([Target(spec, client, head)], None, pooled=False)
+        unserved = [m for m in settings.allowed_models if m not in settings.models]
+        if unserved:  # said once per worker, not dropped silently
+            logger.warning(
+                "ALLOWED_MODELS names models no upstream of UPSTREAMS_FILE lists; "
+                "requests for them get model_not_allowed",
+                extra={"models": unserved},
+            )
         targets = [
             Target(spec, Upstream(spec.base_url, spec.api_key, timeout), head)
             for spec in settings.upstreams
