@@ -82,6 +82,9 @@ def post_worker_init(worker):
     def watch():
         while worker.alive:
             gevent.sleep(0.25)
+        from streaming.web.diagnostics import end_probe_streams
+
+        end_probe_streams()  # the doctor's probe streams are not worth a graceful wait
         manager = worker.wsgi.extensions["sluice"].manager
         deadline = max(0.0, worker.cfg.graceful_timeout - SHUTDOWN_MARGIN)
         waited = 0.0

@@ -88,3 +88,23 @@ def test_sighup_replaces_the_workers_without_losing_a_stream(
 
     # no concurrency slot is left taken
     wait_for(lambda: not list(redis_client.scan_iter("sluice:slots:*")), 5, "all slots released")
+
+
+def test_a_reload_ends_the_doctors_probe_streams_at_once(make_sluice):
+    """A probe stream is no generation: a reload ends it at once with `interrupted` (no
+    `done`), instead of holding the old worker for its idle period (GRACEFUL_TIMEOUT)."""
+    server = make_sluice(workers=2, GRACEFUL_TIMEOUT="60")
+    probes = EventStream(server.base, "/api/v1/diagnostics/stream?idle=120", method="GET")
+    assert probes.status == 200
+    probes.until("probe")
+    old_workers = set(server.worker_pids())
+    server.signal(signal.SIGHUP)
+    events = probes.read_all()  # within the test's timeout: far less than 60 s
+    assert events[-1]["event"] == "error"
+    assert events[-1]["data"]["error"]["code"] == "interrupted"
+    assert "done" not in [e["event"] for e in events]
+
+    def old_workers_gone() -> bool:
+        return not set(server.worker_pids()) & old_workers
+
+    wait_for(old_workers_gone, 15, "the old workers gone, not held for their graceful timeout")

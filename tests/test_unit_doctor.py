@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from streaming.doctor.__main__ import render
-from streaming.doctor.measure import Frame, Measurement, _Reader, probe_url
+from streaming.doctor.measure import Frame, Measurement, _Reader, _server_error, probe_url
 from streaming.doctor.verdict import diagnose
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(10)]
@@ -191,6 +191,16 @@ def test_the_reader_stamps_frames_split_anywhere():
         ("done", {}),
     ]
     assert m.frames[0].at == wire.index(b"\r\n\r\n") + 3  # the byte that ended the frame
+
+
+def test_a_server_error_event_is_quoted():
+    m = Measurement(url="u", idle=0)
+    _Reader(m).feed(
+        b'id: 14\nevent: error\ndata: {"type": "error", "error": {"code": "interrupted", '
+        b'"message": "The server is restarting."}}\n\n',
+        1.0,
+    )
+    assert _server_error(m) == ("the server said: interrupted (The server is restarting.)")
 
 
 def test_probe_url():

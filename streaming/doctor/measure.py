@@ -224,6 +224,9 @@ def _read_body(response: httpx2.Response, m: Measurement, start: float, stall: f
             if m.done is not None:
                 m.ended = "done"
                 break
+            if (error := _server_error(m)) is not None:  # e.g. Sluice restarting
+                m.ended, m.error = "error", error
+                break
             if at + start > deadline:
                 m.ended, m.error = "stalled", f"no done after {at:.0f} s"
                 break
@@ -234,6 +237,15 @@ def _read_body(response: httpx2.Response, m: Measurement, start: float, stall: f
     except httpx2.HTTPError as exc:  # reset, incomplete chunked body, bad gzip...
         m.ended, m.error = "error", f"{type(exc).__name__}: {exc}".rstrip(": ")
     m.ended_at = time.monotonic() - start
+
+
+def _server_error(m: Measurement) -> str | None:
+    """The message of an ``event: error`` the server sent (it ends the probe stream)."""
+    for frame in reversed(m.frames):
+        if frame.kind == "error":
+            error = frame.data.get("error") or {}
+            return f"the server said: {error.get('code', 'error')} ({error.get('message', '')})"
+    return None
 
 
 def _transport_reason(exc: httpx2.TransportError, url: str) -> str:

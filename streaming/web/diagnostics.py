@@ -19,6 +19,9 @@ The stream (SSE headers of every stream; no Redis, no generation):
   min(HEARTBEAT_SECONDS, S/3) or just under it: at least two pings cross every
   idle period, and with S >= 3 x HEARTBEAT_SECONDS they come exactly as often
   as on a real stream (so a proxy timeout that would cut real streams cuts this).
+- a worker shutdown (reload, stop) ends an open probe stream at once with
+  ``event: error`` (id 14, ``interrupted``) and no ``done``
+  (`end_probe_streams`, called by config/gunicorn.conf.py).
 - ``event: done`` (id 14): ``{"type": "done", "finished": true, "probes",
   "pings", "idle", "sent_at"}``.
 
@@ -49,7 +52,15 @@ from streaming.web.errors import ApiError
 from streaming.web.limits import client_ip, limiter
 from streaming.web.views import SSE_HEADERS, client_watch
 
-__all__ = ["PROBES", "PROBE_INTERVAL", "MAX_IDLE", "bp", "idle_schedule", "probe_stream"]
+__all__ = [
+    "MAX_IDLE",
+    "PROBES",
+    "PROBE_INTERVAL",
+    "bp",
+    "end_probe_streams",
+    "idle_schedule",
+    "probe_stream",
+]
 
 PROBES = 13  # at 0, 0.25, ..., 3.0 s
 PROBE_INTERVAL = 0.25
@@ -83,6 +94,29 @@ def _idle_arg() -> float:
     return float(raw)
 
 
+class _Open:
+    """This worker's open probe streams, so that a worker shutdown ends them at once
+    (they are not generations: `StreamManager.shutdown` does not know them)."""
+
+    def __init__(self) -> None:
+        self.watches: set[ClientWatch] = set()
+        self.stopping = False
+
+    def stop(self) -> None:
+        self.stopping = True
+        for watch in list(self.watches):
+            watch.wake.set()
+
+
+_OPEN = _Open()
+
+
+def end_probe_streams() -> None:
+    """Worker shutdown (config/gunicorn.conf.py): every open probe stream ends now with an
+    ``interrupted`` error, instead of holding the worker for its idle period."""
+    _OPEN.stop()
+
+
 def _pause(until: float, watch: ClientWatch) -> None:
     """Sleep until monotonic time `until`, or until the client goes away.
 
@@ -90,7 +124,7 @@ def _pause(until: float, watch: ClientWatch) -> None:
     wake-up before `until` with the client still there sleeps again.
     """
     wake = watch.wake
-    while not watch.gone:
+    while not watch.gone and not _OPEN.stopping:
         delay = until - time.monotonic()
         if delay <= 0:
             return
@@ -109,7 +143,25 @@ def probe_stream(idle: float, heartbeat: float, watch: ClientWatch, server: dict
 
     A `Body`, so the watch is closed even when the body is never iterated.
     """
-    return Body(_frames(idle, heartbeat, watch, server), watch.close)
+    _OPEN.watches.add(watch)
+
+    def close() -> None:
+        _OPEN.watches.discard(watch)
+        watch.close()
+
+    return Body(_frames(idle, heartbeat, watch, server), close)
+
+
+# A worker shutdown ends an open probe stream with this (and no ``done``): the doctor
+# then says the connection was cut, and why.
+_INTERRUPTED = encode_json(
+    {
+        "type": "error",
+        "error": {"code": "interrupted", "message": "The server is restarting."},
+    },
+    event="error",
+    id=PROBES + 1,  # in place of done
+)
 
 
 def _frames(idle: float, heartbeat: float, watch: ClientWatch, server: dict) -> Iterator[bytes]:
@@ -117,7 +169,9 @@ def _frames(idle: float, heartbeat: float, watch: ClientWatch, server: dict) -> 
     start = time.monotonic()
     for seq in range(1, PROBES + 1):
         _pause(start + (seq - 1) * PROBE_INTERVAL, watch)
-        if watch.gone:
+        if watch.gone or _OPEN.stopping:
+            if not watch.gone:
+                yield _INTERRUPTED
             return
         probe = {
             "type": "probe",
@@ -134,11 +188,15 @@ def _frames(idle: float, heartbeat: float, watch: ClientWatch, server: dict) -> 
     quiet = time.monotonic()
     for n in range(1, pings + 1):
         _pause(quiet + n * interval, watch)
-        if watch.gone:
+        if watch.gone or _OPEN.stopping:
+            if not watch.gone:
+                yield _INTERRUPTED
             return
         yield PING
     _pause(quiet + idle, watch)
-    if watch.gone:
+    if watch.gone or _OPEN.stopping:
+        if not watch.gone:
+            yield _INTERRUPTED
         return
     done = {
         "type": "done",
