@@ -195,10 +195,7 @@ class Route:
     def end(self, reason: str, error_code: str | None) -> None:
         """The generation ended (`reason` of its ``done``): an attempt still without a
         verdict gets one, or its probe lease back (cancelled, shut down: nothing learnt)."""
-        if self._reported or self.current is None:
-            return
-        self._reported = True
-        breaker = self._router.breaker
+        breaker = self._owed_verdict()
         if breaker is None:
             return
         if error_code == "upstream_timeout":  # silent after its head (the watchdog)
@@ -219,11 +216,15 @@ class Route:
             text = f"Every upstream of {self.model} is cooling down after failures."
         return UpstreamError("upstream_unavailable", text, retryable=False)
 
-    def _verdict(self, failure: bool) -> None:
+    def _owed_verdict(self) -> Breaker | None:
+        """The breaker, when the current attempt still owes it a verdict (then no more)."""
         if self._reported or self.current is None:
-            return
+            return None
         self._reported = True
-        breaker = self._router.breaker
+        return self._router.breaker
+
+    def _verdict(self, failure: bool) -> None:
+        breaker = self._owed_verdict()
         if breaker is None:
             return
         if failure:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from flask import Blueprint, Response, request
 from gevent import get_hub
@@ -165,48 +165,56 @@ _INTERRUPTED = encode_json(
 
 
 def _frames(idle: float, heartbeat: float, watch: ClientWatch, server: dict) -> Iterator[bytes]:
+    for due, frame in _schedule(idle, heartbeat, server):
+        _pause(due, watch)
+        if watch.gone:
+            return
+        if _OPEN.stopping:
+            yield _INTERRUPTED
+            return
+        yield frame()
+
+
+def _schedule(
+    idle: float, heartbeat: float, server: dict
+) -> Iterator[tuple[float, Callable[[], bytes]]]:
+    """(when, the frame) for each frame in turn: when is a `time.monotonic()` deadline; the
+    frame is made when it is sent (its ``sent_at``)."""
     pings, interval = idle_schedule(idle, heartbeat)
     start = time.monotonic()
     for seq in range(1, PROBES + 1):
-        _pause(start + (seq - 1) * PROBE_INTERVAL, watch)
-        if watch.gone or _OPEN.stopping:
-            if not watch.gone:
-                yield _INTERRUPTED
-            return
-        probe = {
-            "type": "probe",
-            "seq": seq,
-            "of": PROBES,
-            "sent_at": time.time(),
-            "interval": PROBE_INTERVAL,
-            "idle": idle,
-            "ping_interval": round(interval, 3),
-        }
-        if seq == 1:
-            probe["server"] = server
-        yield encode_json(probe, event="probe", id=seq)
-    quiet = time.monotonic()
+
+        def probe(seq: int = seq) -> bytes:
+            data = {
+                "type": "probe",
+                "seq": seq,
+                "of": PROBES,
+                "sent_at": time.time(),
+                "interval": PROBE_INTERVAL,
+                "idle": idle,
+                "ping_interval": round(interval, 3),
+            }
+            if seq == 1:
+                data["server"] = server
+            return encode_json(data, event="probe", id=seq)
+
+        yield start + (seq - 1) * PROBE_INTERVAL, probe
+    quiet = time.monotonic()  # the silence starts when the last probe was sent
     for n in range(1, pings + 1):
-        _pause(quiet + n * interval, watch)
-        if watch.gone or _OPEN.stopping:
-            if not watch.gone:
-                yield _INTERRUPTED
-            return
-        yield PING
-    _pause(quiet + idle, watch)
-    if watch.gone or _OPEN.stopping:
-        if not watch.gone:
-            yield _INTERRUPTED
-        return
-    done = {
-        "type": "done",
-        "finished": True,
-        "probes": PROBES,
-        "pings": pings,
-        "idle": idle,
-        "sent_at": time.time(),
-    }
-    yield encode_json(done, event="done", id=PROBES + 1)
+        yield quiet + n * interval, lambda: PING
+
+    def done() -> bytes:
+        data = {
+            "type": "done",
+            "finished": True,
+            "probes": PROBES,
+            "pings": pings,
+            "idle": idle,
+            "sent_at": time.time(),
+        }
+        return encode_json(data, event="done", id=PROBES + 1)
+
+    yield quiet + idle, done
 
 
 @bp.get("/api/v1/diagnostics/stream")
