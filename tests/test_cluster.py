@@ -42,6 +42,16 @@ def cluster():
     nodes.stop()
 
 
+def two_servers(env: dict[str, str]):
+    """Two Sluice servers (2 gevent workers each) on `env`, stopped together after."""
+    servers = [Sluice(env, workers=2).start(), Sluice(env, workers=2).start()]
+    yield servers
+    for server in servers:
+        server.begin_stop()
+    for server in servers:
+        server.stop()
+
+
 @pytest.fixture(scope="module")
 def pair(cluster, simulator):
     env = {
@@ -57,12 +67,7 @@ def pair(cluster, simulator):
         "RATE_LIMIT_STREAM": "1000/minute",
         "MAX_CONCURRENT_STREAMS": "50",
     }
-    servers = [Sluice(env, workers=2).start(), Sluice(env, workers=2).start()]
-    yield servers
-    for server in servers:
-        server.begin_stop()
-    for server in servers:
-        server.stop()
+    yield from two_servers(env)
 
 
 def fresh() -> dict[str, str]:
@@ -192,12 +197,7 @@ def authed_pair(cluster, simulator, tmp_path_factory):
         "MAX_CONCURRENT_STREAMS": "1",
         "RATE_LIMIT_AUTH_FAILURES": "4/minute",
     }
-    servers = [Sluice(env, workers=2).start(), Sluice(env, workers=2).start()]
-    yield servers
-    for server in servers:
-        server.begin_stop()
-    for server in servers:
-        server.stop()
+    yield from two_servers(env)
 
 
 def owner_of(key: str) -> str:
