@@ -14,7 +14,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.browser import chromium
-from tests.jwks_server import hs256
+from tests.jwks_server import AUDIENCE, ISSUER, JwksServer, Signer
 from tests.sse_client import request
 from tests.test_web import (
     STREAM,
@@ -30,7 +30,6 @@ from tests.test_web import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.timeout(120)]
 
-SECRET = "s" * 32
 KEY = "key-one"
 
 
@@ -41,9 +40,23 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def authed(make_sluice):
-    """Keys and JWTs at once; a generation outlives its client by 10 s (for the resume)."""
-    return make_sluice(workers=2, API_KEYS=KEY, JWT_SECRET=SECRET, DISCONNECT_GRACE_SECONDS="10")
+def signer() -> Signer:
+    return Signer("RS256", "idp-1")
+
+
+@pytest.fixture(scope="module")
+def authed(make_sluice, signer):
+    """Keys and an identity provider's JWTs (RS256, from its JWKS) at once; a generation
+    outlives its client by 10 s (for the resume)."""
+    with JwksServer(signer) as idp:
+        yield make_sluice(
+            workers=2,
+            API_KEYS=KEY,
+            JWT_JWKS_URL=idp.url,
+            JWT_ISSUER=ISSUER,
+            JWT_AUDIENCE=AUDIENCE,
+            DISCONNECT_GRACE_SECONDS="10",
+        )
 
 
 @pytest.fixture()
@@ -116,8 +129,8 @@ def test_sign_in_with_a_key_chat_stop_reload_sign_out(authed, simulator, page, t
     assert page.uncaught == []
 
 
-def test_sign_in_with_a_jwt_and_resume_after_a_dropped_connection(authed, page):
-    sign_in(page, authed.base, hs256(SECRET, sub="dana"))
+def test_sign_in_with_a_jwt_and_resume_after_a_dropped_connection(authed, signer, page):
+    sign_in(page, authed.base, signer.token(sub="dana"))
     expect(page.get_by_test_id("account-label")).to_contain_text("token")
     prompt = "Explain the tides to me sim:tokens=150 sim:rate=40"
     requests = log_requests(page)
