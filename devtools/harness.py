@@ -61,6 +61,15 @@ def get_json(url: str, timeout: float = 30.0) -> tuple[int, dict]:
         return err.code, json.loads(err.read() or b"{}")
 
 
+def _stop(proc: subprocess.Popen | None) -> None:
+    """Terminate a child that prints to a pipe, and close the pipe."""
+    if proc and proc.poll() is None:
+        proc.terminate()
+        proc.wait(10)
+    if proc and proc.stdout:
+        proc.stdout.close()
+
+
 class RedisServer:
     def __init__(self, port: int | None = None):
         self.port = port or free_port()
@@ -95,11 +104,7 @@ class RedisServer:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        if self.proc and self.proc.stdout:
-            self.proc.stdout.close()
+        _stop(self.proc)
 
 
 class Simulator:
@@ -134,11 +139,7 @@ class Simulator:
         return get_json(f"{self.base}/_sim/stats")[1]
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        if self.proc and self.proc.stdout:
-            self.proc.stdout.close()
+        _stop(self.proc)
 
 
 class Sluice:

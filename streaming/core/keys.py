@@ -121,18 +121,18 @@ def watch(stream_id: str) -> str:
     return f"sluice:watch:{_stream_tag(stream_id)}{stream_id}"
 
 
-def cancel_channel(stream_id: str) -> str:
-    return f"sluice:cancel:{_stream_tag(stream_id)}"
-
-
-def ack_channel(stream_id: str) -> str:
-    return f"sluice:ack:{_stream_tag(stream_id)}"
-
-
 def shard_channels(k: int) -> tuple[str, str]:
     """Shard k's cancel and acknowledgement channels (one slot: one SSUBSCRIBE)."""
     tag = "{" + SHARD_TAGS[k] + "}"
     return f"sluice:cancel:{tag}", f"sluice:ack:{tag}"
+
+
+def cancel_channel(stream_id: str) -> str:
+    return shard_channels(shard(stream_id))[0]
+
+
+def ack_channel(stream_id: str) -> str:
+    return shard_channels(shard(stream_id))[1]
 
 
 def worker(worker_id: str) -> str:
